@@ -195,6 +195,9 @@ class Option:
     check: Callable[[Any], None] | None = None
     #: Mode name for a mode's own options (shown grouped in ``--help``); None for core options.
     owner: str | None = None
+    #: False for flag-only settings that upstream's config file does not have (``--master``,
+    #: ``--cleanup``...): they are neither read from nor written to the file.
+    in_file: bool = True
 
     def parse(self, raw: object) -> Any:
         value = self.kind.parse(raw)
