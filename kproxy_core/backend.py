@@ -112,6 +112,9 @@ class Backend(abc.ABC):
     #: Whether the core should delete stale UDP conntrack entries after syncs. Kernel NAT modes
     #: need it; a userspace proxy terminates connections itself and does not.
     needs_conntrack_cleanup: ClassVar[bool] = True
+    #: Config paths of (sync period, min sync period) that drive this mode's sync loop, as
+    #: upstream where each mode has its own section (``ipvs.syncPeriod``...).
+    sync_period_options: ClassVar[tuple[str, str]] = ("iptables.syncPeriod", "iptables.minSyncPeriod")
 
     def __init__(self, context: BackendContext) -> None:
         self.context = context
