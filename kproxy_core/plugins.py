@@ -162,10 +162,14 @@ class KproxyPluginManager(pluggy.PluginManager):
         return self._sources
 
     def sync_finished(self, report: SyncReport) -> None:
-        try:
-            self.hook.kproxy_sync_finished(report=report)
-        except Exception:
-            log.exception("a kproxy_sync_finished hook failed; ignored")
+        # Called one implementation at a time: one broken observer must not silence the others
+        # (a plain hook call stops at the first exception).
+        for impl in self.hook.kproxy_sync_finished.get_hookimpls():
+            try:
+                impl.function(report=report)
+            except Exception:
+                log.exception("kproxy_sync_finished in %s failed; ignored",
+                              self.distribution_of(impl.plugin))
 
     def cleanup(
         self, config: ConfigView, keep_mode: str | None, logger: logging.Logger

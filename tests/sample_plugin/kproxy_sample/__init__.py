@@ -1,0 +1,1 @@
+"""A template kproxy mode. Copy this directory to start a new mode (docs/writing-a-plugin.md)."""
