@@ -116,32 +116,38 @@ class BoundedFrequencyRunner:
             )
         self._last_refill = now
 
+    def poll(self) -> Trigger | float:
+        """The trigger of a run that is due now (and consume it), or seconds until one may be.
+
+        Non-blocking; `loop` waits on it. Tests drive it with a fake clock."""
+        with self._cond:
+            now = self._clock()
+            self._refill(now)
+            token_at = now if self._tokens >= 1 else now + (1 - self._tokens) * self.min_interval
+            candidates: list[tuple[float, Trigger]] = [
+                (self._last_run + self.max_interval, Trigger.PERIODIC)
+            ]
+            if self._pending is not None:
+                candidates.append((token_at, self._pending))
+            if self._retry_at < math.inf:
+                candidates.append((max(self._retry_at, token_at), Trigger.RETRY))
+            due, trigger = min(candidates, key=lambda item: item[0])
+            if due > now:
+                return due - now
+            self._tokens = max(0.0, self._tokens - 1)
+            self._last_run = now
+            self._pending = None
+            self._retry_at = math.inf
+            return trigger
+
     def _next(self) -> Trigger | None:
         """Wait until a run is due; return its trigger, or None when stopped."""
         with self._cond:
             while not self._stopped:
-                now = self._clock()
-                self._refill(now)
-                token_at = (
-                    now
-                    if self._tokens >= 1
-                    else now + (1 - self._tokens) * self.min_interval
-                )
-                candidates: list[tuple[float, Trigger]] = [
-                    (self._last_run + self.max_interval, Trigger.PERIODIC)
-                ]
-                if self._pending is not None:
-                    candidates.append((token_at, self._pending))
-                if self._retry_at < math.inf:
-                    candidates.append((max(self._retry_at, token_at), Trigger.RETRY))
-                due, trigger = min(candidates, key=lambda item: item[0])
-                if due <= now:
-                    self._tokens = max(0.0, self._tokens - 1)
-                    self._last_run = now
-                    self._pending = None
-                    self._retry_at = math.inf
-                    return trigger
-                self._cond.wait(timeout=due - now)
+                due = self.poll()
+                if isinstance(due, Trigger):
+                    return due
+                self._cond.wait(timeout=due)
             return None
 
     def loop(self) -> None:
