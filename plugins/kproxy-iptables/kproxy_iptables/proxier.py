@@ -1,0 +1,379 @@
+"""The ``iptables`` backend: renders the resolved model with `kproxy_iptables.rules` and
+writes one ``iptables-restore --noflush`` transaction per IP family and sync.
+
+Partial syncs (upstream's design): the top-level chains are rewritten on every sync, the
+per-service chains only for the service ports the core reports as changed, and the chains of
+removed or shrunk ports are deleted in the same transaction. Full syncs rewrite everything,
+ensure the jump rules from the built-in chains, re-create the canary chains and delete stale
+service chains found in ``iptables-save``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kproxy_core.backend import (
+    Backend,
+    BackendContext,
+    BackendUnavailable,
+    ConfigView,
+    SyncError,
+    SyncRequest,
+    SyncResult,
+)
+from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey
+from kproxy_iptables import rules as R
+
+ROUTE_LOCALNET = "/proc/sys/net/ipv4/conf/all/route_localnet"
+TCP_BE_LIBERAL = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
+
+
+def config_value(config: ConfigView, path: str, default: Any) -> Any:
+    """``config.get(path)``, or ``default`` when the option is not declared (a core without
+    that option, or a test's small config)."""
+    try:
+        value = config.get(path)
+    except (KeyError, LookupError, AttributeError):
+        return default
+    return default if value is None else value
+
+
+def _as_list(value: object) -> list[str]:
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, Sequence):
+        return [str(v).strip() for v in value if str(v).strip()]
+    raise ValueError(f"expected a list of strings, got {value!r}")
+
+
+def _of_family(values: Sequence[str], family: int) -> list[str]:
+    out = []
+    for value in values:
+        try:
+            version = ipaddress.ip_network(value, strict=False).version
+        except ValueError:
+            continue
+        if version == family:
+            out.append(value)
+    return out
+
+
+class Settings:
+    """The configuration this mode reads, parsed and checked once."""
+
+    def __init__(self, config: ConfigView) -> None:
+        self.writer = str(config_value(config, "iptables.writer", "restore"))
+        if self.writer not in ("restore", "libiptc"):
+            raise ValueError(f"iptables.writer must be 'restore' or 'libiptc', not {self.writer!r}")
+        self.masquerade_all = bool(config_value(config, "iptables.masqueradeAll", False))
+        self.masquerade_mark = R.masquerade_mark(
+            int(config_value(config, "iptables.masqueradeBit", 14)))
+        self.localhost_nodeports = bool(
+            config_value(config, "iptables.localhostNodePorts", True))
+        self.cluster_cidrs = _as_list(config_value(config, "clusterCIDR", ""))
+        self.detect_local_mode = str(config_value(config, "detectLocalMode", "") or "ClusterCIDR")
+        self.bridge_interface = str(config_value(config, "detectLocal.bridgeInterface", ""))
+        self.interface_prefix = str(config_value(config, "detectLocal.interfaceNamePrefix", ""))
+        self.node_cidrs = _as_list(config_value(config, "detectLocal.nodeCIDRs", ""))
+        self.nodeport_addresses = _as_list(config_value(config, "nodePortAddresses", ()))
+        modes = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
+        if self.detect_local_mode not in modes:
+            raise ValueError(f"detectLocalMode must be one of {', '.join(modes)}, "
+                             f"not {self.detect_local_mode!r}")
+
+    def local_detector(self, family: int) -> R.LocalDetector:
+        mode = self.detect_local_mode
+        if mode == "ClusterCIDR":
+            return R.LocalDetector.for_cidrs(_of_family(self.cluster_cidrs, family))
+        if mode == "NodeCIDR":
+            # The node's podCIDRs are not part of NodeView yet (see the mode's docs).
+            return R.LocalDetector.for_cidrs(_of_family(self.node_cidrs, family))
+        if mode == "BridgeInterface":
+            return R.LocalDetector.for_interface(self.bridge_interface)
+        prefix = self.interface_prefix
+        return R.LocalDetector.for_interface(f"{prefix}+" if prefix else "")
+
+    def localhost_nodeports_for(self, family: int) -> bool:
+        """Upstream turns localhost NodePorts off for IPv6 and when nodePortAddresses cannot
+        include 127.0.0.1."""
+        if family != 4 or not self.localhost_nodeports:
+            return False
+        if not self.nodeport_addresses:
+            return True
+        loopback = ipaddress.ip_address("127.0.0.1")
+        for value in self.nodeport_addresses:
+            if value == "primary":
+                continue
+            net = ipaddress.ip_network(value, strict=False)
+            if net.version == 4 and loopback in net:
+                return True
+        return False
+
+
+class _FamilyState:
+    __slots__ = ("cfg", "ports", "programmed", "rendered")
+
+    def __init__(self) -> None:
+        self.cfg: R.RenderConfig | None = None
+        self.rendered: dict[ServicePortKey, R.ServiceRules] = {}
+        self.ports: dict[ServicePortKey, ResolvedServicePort] = {}
+        #: Per-service chains known to be in the kernel after the last successful sync.
+        self.programmed: dict[ServicePortKey, tuple[str, ...]] = {}
+
+
+def _read_sysctl(path: str) -> str:
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+class IptablesProxier(Backend):
+    name = "iptables"
+
+    def __init__(self, context: BackendContext) -> None:
+        super().__init__(context)
+        try:
+            self.settings = Settings(context.config)
+        except ValueError as exc:
+            raise BackendUnavailable(f"iptables mode: {exc}") from None
+        self.families = tuple(f for f in context.families if f in (4, 6))
+        self._writers: dict[int, Any] = {}
+        self._state = {family: _FamilyState() for family in self.families}
+        self._force_full = True
+        self._tcp_liberal = _read_sysctl(TCP_BE_LIBERAL) not in ("", "0")
+        if 4 in self.families and self.settings.localhost_nodeports_for(4):
+            # Upstream's trade-off (issue 90259): NodePorts on 127.0.0.1 need route_localnet;
+            # the KUBE-FIREWALL rule blocks martian traffic to 127/8 from outside.
+            if _read_sysctl(ROUTE_LOCALNET) != "1":
+                context.logger.info("setting route_localnet=1 to allow NodePorts on localhost; "
+                                    "disable with --iptables-localhost-nodeports=false")
+                try:
+                    with open(ROUTE_LOCALNET, "w") as handle:
+                        handle.write("1")
+                except OSError as exc:
+                    raise BackendUnavailable(
+                        f"cannot set net.ipv4.conf.all.route_localnet=1 ({exc}); run as root "
+                        "or pass --iptables-localhost-nodeports=false") from None
+
+    @classmethod
+    def check_supported(cls, context: BackendContext) -> None:
+        from kproxy_core.kernel.iptables_writers import detect_backend
+
+        detect_backend()  # raises BackendUnavailable without iptables binaries
+
+    # -- writers ---------------------------------------------------------------------------------
+
+    def writer(self, family: int) -> Any:
+        writer = self._writers.get(family)
+        if writer is None:
+            from kproxy_core.kernel.iptables_writers import make_writer
+
+            if self.settings.writer == "libiptc":
+                # libiptc speaks only x_tables: the legacy backend, whatever the host uses.
+                writer = make_writer("libiptc", family, "legacy")
+            else:
+                writer = make_writer("restore", family)
+            self._writers[family] = writer
+        return writer
+
+    # -- rendering ---------------------------------------------------------------------------------
+
+    def render_config(self, view: NodeView, family: int,
+                      services: Mapping[ServicePortKey, ResolvedServicePort]) -> R.RenderConfig:
+        node_ips = [ip for ip in view.node_ips
+                    if ipaddress.ip_address(ip).version == family]
+        total_endpoints = sum(len(p.all_reachable_endpoints) or len(p.cluster_endpoints)
+                              for p in services.values())
+        s = self.settings
+        return R.RenderConfig(
+            family=family,
+            masquerade_mark=s.masquerade_mark,
+            masquerade_all=s.masquerade_all,
+            local_detector=s.local_detector(family),
+            localhost_nodeports=s.localhost_nodeports_for(family),
+            nodeport_ips=R.nodeport_addresses(s.nodeport_addresses, view.node_ips, family),
+            node_ip=node_ips[0] if node_ips else "",
+            conntrack_tcp_liberal=self._tcp_liberal,
+            large_cluster=total_endpoints > R.LARGE_CLUSTER_ENDPOINTS_THRESHOLD,
+        )
+
+    def plan(self, request: SyncRequest, family: int, *, full: bool,
+             existing_nat_chains: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
+        """Build the transaction for ``family`` without touching the kernel.
+
+        Returns (RestoreData, bookkeeping to commit with `_commit` once it was applied).
+        """
+        st = self._state[family]
+        services = request.view.family(family)  # type: ignore[arg-type]
+        cfg = self.render_config(request.view, family, services)
+        if cfg != st.cfg:
+            # Mark, node IP or comment mode changed: every chain may read differently.
+            full = True
+        changed = {k for k in request.changed if k.family == family}
+        rendered: dict[ServicePortKey, R.ServiceRules] = {}
+        cache_ok = cfg == st.cfg
+        for key, port in services.items():
+            old = st.rendered.get(key) if cache_ok else None
+            if old is not None and key not in changed and (not full or st.ports.get(key) == port):
+                rendered[key] = old
+            else:
+                rendered[key] = R.render_service(port, cfg)
+        if full:
+            active = {c for r in rendered.values() for c in r.chains}
+            delete = sorted(c for c in existing_nat_chains
+                            if R.is_service_chain(c) and c not in active)
+            data = R.assemble(rendered, cfg, delete_chains=delete)
+            R.canary(data)
+            written = set(rendered)
+        else:
+            delete_set: set[str] = set()
+            for key in changed:
+                before = st.programmed.get(key)
+                if before is None:
+                    previous = request.previous.get(key)
+                    before = R.render_service(previous, cfg).chains if previous else ()
+                now = set(rendered[key].chains) if key in rendered else set()
+                delete_set.update(c for c in before if c not in now)
+            data = R.assemble(rendered, cfg, write_chains_for=changed,
+                              delete_chains=sorted(delete_set))
+            written = changed & set(rendered)
+        book = {"cfg": cfg, "rendered": rendered, "services": services, "full": full,
+                "written": written, "removed": changed - set(rendered)}
+        return data, book
+
+    def _commit(self, family: int, book: Mapping[str, Any]) -> None:
+        st = self._state[family]
+        st.cfg = book["cfg"]
+        st.rendered = book["rendered"]
+        st.ports = dict(book["services"])
+        if book["full"]:
+            st.programmed = {k: r.chains for k, r in st.rendered.items()}
+        else:
+            for key in book["removed"]:
+                st.programmed.pop(key, None)
+            for key in book["written"]:
+                st.programmed[key] = st.rendered[key].chains
+
+    # -- Backend -----------------------------------------------------------------------------------
+
+    def sync(self, request: SyncRequest) -> SyncResult:
+        from kproxy_core.kernel.iptables_writers import RestoreError
+
+        full = request.full or self._force_full
+        objects = 0
+        external = 0.0
+        counters: dict[str, int] = {}
+        try:
+            for family in self.families:
+                writer = self.writer(family)
+                existing: list[str] = []
+                family_full = full or self._state[family].cfg is None
+                if family_full:
+                    self._ensure_jumps(writer, family)
+                    existing = _chains_in(writer.save("nat"))
+                data, book = self.plan(request, family, full=family_full,
+                                       existing_nat_chains=existing)
+                if book["full"] and not family_full:
+                    # Settings changed under a partial sync: stale chains need a listing.
+                    self._ensure_jumps(writer, family)
+                    data, book = self.plan(request, family, full=True,
+                                           existing_nat_chains=_chains_in(writer.save("nat")))
+                external += writer.restore(data)
+                self._commit(family, book)
+                objects += data.line_count()
+                nat = data.tables.get("nat")
+                flt = data.tables.get("filter")
+                counters[f"ipv{family}_nat_rules"] = len(nat.rules) if nat else 0
+                counters[f"ipv{family}_filter_rules"] = len(flt.rules) if flt else 0
+                counters[f"ipv{family}_nat_chains_deleted"] = len(nat.deleted) if nat else 0
+        except RestoreError:
+            self._force_full = True
+            raise
+        except SyncError:
+            self._force_full = True
+            raise
+        except Exception as exc:
+            self._force_full = True
+            raise SyncError(f"iptables sync failed: {exc}") from exc
+        self._force_full = False
+        return SyncResult(objects_written=objects, counters=counters, external_seconds=external)
+
+    def _ensure_jumps(self, writer: Any, family: int) -> None:
+        jumps = list(R.JUMP_RULES)
+        if self.settings.localhost_nodeports_for(family):
+            jumps += R.KUBELET_JUMP_RULES
+        for jump in jumps:
+            writer.ensure_chain(jump.table, jump.target)
+            writer.ensure_rule(jump.table, jump.source, jump.args(), prepend=True)
+
+    def needs_full_sync(self) -> bool:
+        try:
+            for family in self.families:
+                writer = self.writer(family)
+                for table in ("mangle", "nat", "filter"):
+                    if not writer.chain_exists(table, R.KUBE_PROXY_CANARY):
+                        return True
+        except Exception as exc:
+            self.context.logger.warning("cannot check the canary chains: %s", exc)
+            return True
+        return False
+
+    def describe(self, key: ServicePortKey) -> Mapping[str, Any]:
+        st = self._state.get(key.family)
+        if st is None or key not in st.rendered:
+            return {"programmed": False}
+        own = set(st.rendered[key].chains)
+        name = str(key.name)
+        tables: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for table in ("nat", "filter"):
+            text = self._save_with_counters(key.family, table)
+            chains: dict[str, list[dict[str, Any]]] = {}
+            for line in text.splitlines():
+                packets, byte_count, rule = _split_counters(line)
+                if not rule.startswith("-A "):
+                    continue
+                chain = rule.split(" ", 2)[1]
+                mine = chain in own or (not R.is_service_chain(chain) and (
+                    f"--comment {name} " in rule or f'"{name} ' in rule))
+                if mine:
+                    chains.setdefault(chain, []).append(
+                        {"rule": rule, "packets": packets, "bytes": byte_count})
+            tables[table] = chains
+        return {"programmed": True, "family": key.family, "chains": sorted(own),
+                "tables": tables}
+
+    def _save_with_counters(self, family: int, table: str) -> str:
+        from kproxy_core.kernel.iptables_writers import find_binary
+
+        writer = self.writer(family)
+        binary = find_binary(family, writer.backend, "save")
+        if binary is None:
+            return str(writer.save(table))
+        proc = subprocess.run([binary, "-c", "-t", table], capture_output=True, text=True,
+                              timeout=60, check=False)
+        return proc.stdout if proc.returncode == 0 else str(writer.save(table))
+
+
+def _chains_in(save_text: str) -> list[str]:
+    return [line[1:].split(" ", 1)[0] for line in save_text.splitlines() if line.startswith(":")]
+
+
+def _split_counters(line: str) -> tuple[int, int, str]:
+    if line.startswith("["):
+        end = line.find("]")
+        packets, _, byte_count = line[1:end].partition(":")
+        try:
+            return int(packets), int(byte_count), line[end + 1:].strip()
+        except ValueError:
+            return 0, 0, line
+    return 0, 0, line
+
+
+__all__ = ["IptablesProxier", "Settings", "config_value"]
