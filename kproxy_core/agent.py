@@ -247,6 +247,10 @@ class Proxy:
             self._pending_previous.setdefault(key, snapshot.previous.get(key))
         self._pending_changed |= snapshot.changed
         self._pending_triggers.extend(snapshot.trigger_times)
+        # Node addresses are not part of any service port (NodePorts render them), so a node
+        # change rewrites everything rather than teaching every backend to diff them.
+        if snapshot.node_changed:
+            self._needs_full = True
         full = (
             self._needs_full
             or trigger is Trigger.PERIODIC
