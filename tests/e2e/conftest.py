@@ -1,0 +1,58 @@
+"""Fixtures of the end-to-end suite: one `Cluster` per proxy mode and test module.
+
+A mode that cannot run is never skipped silently: a mode plugin that is not installed fails
+the run in CI (``CI=true``) and is skipped with the reason locally; IPVS on a kernel without
+ip_vs is skipped with a pointer to the ``ipvs-vm`` env, which runs this suite inside a VM.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from e2e_harness import MODES, Cluster, mode_problem
+
+
+def require_mode(mode: str) -> None:
+    problem = mode_problem(mode)
+    if problem is None:
+        return
+    reason, fatal_in_ci = problem
+    if fatal_in_ci and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: every mode must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module", params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    mode = str(request.param)
+    require_mode(mode)
+    return mode
+
+
+@pytest.fixture(scope="module")
+def cluster(mode: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A running kproxy in ``mode``, shared by a module's tests: each test uses its own service
+    names and IPs, and leaves kproxy running."""
+    c = Cluster(mode, tmp_path_factory.mktemp(f"e2e-{mode}"))
+    try:
+        c.start_kproxy()
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def own_cluster(mode: str, tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster for one test (restarts, cleanup); kproxy not started yet."""
+    c = Cluster(mode, tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
