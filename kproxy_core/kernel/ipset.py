@@ -174,7 +174,8 @@ def ipset_socket() -> Iterator[Any]:
     try:
         from pyroute2 import IPSet
     except ImportError as exc:  # pragma: no cover - pyroute2 is a dependency
-        raise BackendUnavailable(f"pyroute2 is not installed ({exc}): pip install pyroute2") from exc
+        raise BackendUnavailable(
+            f"pyroute2 is not installed ({exc}): pip install pyroute2") from exc
     try:
         sock = IPSet()
         sock.get_proto_version()

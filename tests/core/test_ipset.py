@@ -56,7 +56,8 @@ def _lifecycle() -> dict[str, object]:
     out["created_again"] = ipset.create_set("T-CIP", "hash:ip,port", 4, comment=True)
     out["first"] = ipset.sync_set("T-CIP", "hash:ip,port", {"10.96.0.1,tcp:80", "10.96.0.2,udp:53"})
     out["same"] = ipset.sync_set("T-CIP", "hash:ip,port", {"10.96.0.1,tcp:80", "10.96.0.2,udp:53"})
-    out["change"] = ipset.sync_set("T-CIP", "hash:ip,port", {"10.96.0.1,tcp:80", "10.96.0.3,sctp:9"})
+    out["change"] = ipset.sync_set("T-CIP", "hash:ip,port",
+                                   {"10.96.0.1,tcp:80", "10.96.0.3,sctp:9"})
     out["entries"] = sorted(ipset.list_entries("T-CIP"))
     out["ports"] = ipset.sync_set("T-NP", "bitmap:port", {"30080", "30081"})
     out["port_entries"] = sorted(ipset.list_entries("T-NP"))
