@@ -260,7 +260,8 @@ def render_service(port: ResolvedServicePort, cfg: RenderConfig) -> ServiceRules
     # whole transaction.
     if internal_chain == svc_chain and not uses_cluster_chain:
         has_internal = False
-    if external_policy_chain == svc_chain and not uses_cluster_chain:
+    if (external_policy_chain == svc_chain and not uses_cluster_chain
+            and port.is_external_facing):
         has_external = False
     uses_ext_chain = has_endpoints and port.is_external_facing
     lb_chain = ext_chain
