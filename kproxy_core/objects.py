@@ -67,8 +67,9 @@ class InvalidObject(ValueError):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        ref = f"{self.namespace}/{self.name}" if self.namespace else self.name
-        return f"{self.kind} {ref or '<unnamed>'}: {self.field}: {self.reason}"
+        name = self.name or "<unnamed>"
+        ref = f"{self.namespace}/{name}" if self.namespace else name
+        return f"{self.kind} {ref}: {self.field}: {self.reason}"
 
 
 def object_ref(obj: Mapping[str, Any]) -> tuple[str, str]:
