@@ -294,8 +294,7 @@ class Demo:
         def healthy() -> bool:
             if self.kproxy_exited():
                 assert self.kproxy is not None
-                raise DemoFailed(f"kproxy exited with status {self.kproxy.returncode}:\n"
-                                 + self.log_tail())
+                raise DemoFailed(f"kproxy exited with status {self.kproxy.returncode}")
             return http_get(node, f"http://{HEALTHZ}/healthz")[0] == 200
 
         took = wait_until("kproxy /healthz", healthy, timeout=30)

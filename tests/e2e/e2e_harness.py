@@ -110,7 +110,7 @@ class Cluster:
     """A sandbox + fake API server + one kproxy, for one mode."""
 
     def __init__(self, mode: str, workdir: Path) -> None:
-        from kproxy_core.testing.apiserver import FakeAPIServer
+        from kproxy_core.testing.apiserver import ApiServer
 
         self.mode = mode
         self.workdir = workdir
@@ -121,7 +121,7 @@ class Cluster:
             for pod in self.sb.pods:
                 self.sb.start_echo(pod, tcp_port=8080, udp_port=8080)
             self.in_node = NetnsThread(self.sb.node.name)
-            self.api = FakeAPIServer()
+            self.api = ApiServer()
             # start() binds the listening socket: do it from the thread inside the node netns.
             self.api_url = self.in_node.call(self.api.start)
             self.kubeconfig = workdir / "kubeconfig"
@@ -151,19 +151,11 @@ class Cluster:
 
     def apply(self, *objs: dict[str, Any]) -> None:
         for obj in objs:
-            kind = obj["kind"]
-            if self._exists(obj):
-                self.api.update(kind, obj)
-            else:
-                self.api.create(kind, obj)
+            self.api.apply(obj["kind"], obj)
 
     def delete(self, *objs: dict[str, Any]) -> None:
         for obj in objs:
             self.api.delete(obj["kind"], obj)
-
-    def _exists(self, obj: dict[str, Any]) -> bool:
-        meta = obj["metadata"]
-        return self.api.get(obj["kind"], meta.get("namespace", ""), meta["name"]) is not None
 
     # -- kproxy ----------------------------------------------------------------------------------
 
