@@ -426,9 +426,10 @@ _CORE = {
     "-i": "in_interface", "--in-interface": "in_interface",
     "-o": "out_interface", "--out-interface": "out_interface",
 }
-# Options that take exactly one value whatever it looks like (a comment may start with "-").
-_SINGLE_VALUE = frozenset({"comment", "name", "to-destination", "to-source", "match-set",
-                           "log-prefix"})
+# Options that take a fixed number of values whatever they look like (a comment may start
+# with "-").
+_FIXED_VALUES = {"comment": 1, "name": 1, "to-destination": 1, "to-source": 1,
+                 "match-set": 2, "log-prefix": 1}
 
 
 def tokenize(line: str) -> list[str]:
@@ -493,9 +494,12 @@ def parse_rule_tokens(tokens: Sequence[str]) -> ParsedRule:
             name = tok[2:]
             i += 1
             values: list[str] = []
-            if name in _SINGLE_VALUE and i < count:
-                values.append(tokens[i])
-                i += 1
+            fixed = _FIXED_VALUES.get(name)
+            if fixed is not None:
+                if i + fixed > count:
+                    raise RuleSyntaxError(f"{tok} needs {fixed} value(s)")
+                values.extend(tokens[i:i + fixed])
+                i += fixed
             else:
                 while i < count and not _is_option(tokens[i]) and tokens[i] != "!":
                     values.append(tokens[i])
