@@ -190,8 +190,10 @@ def parse_field_selector(
         terms.append((field, op == "!=", value))
 
     def matches(obj: Mapping[str, Any]) -> bool:
-        return all((_field_value(obj, f) != v) if neg else (_field_value(obj, f) == v)
-                   for f, neg, v in terms)
+        return all(
+            (_field_value(obj, f) != v) if neg else (_field_value(obj, f) == v)
+            for f, neg, v in terms
+        )
 
     return matches
 
@@ -323,8 +325,10 @@ class ApiServer:
         self.port = server.server_address[1]
         self._http = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.1},
-            name=f"apiserver:{self.port}", daemon=True,
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name=f"apiserver:{self.port}",
+            daemon=True,
         )
         self._thread.start()
 
@@ -359,7 +363,10 @@ class ApiServer:
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
             "current-context": "fake",
         }
-        path.write_text(yaml.safe_dump(data))
+        # Written aside and renamed: a reader polling for the file never sees half of it.
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(yaml.safe_dump(data))
+        partial.replace(path)
         return path
 
     # ---- faults ----------------------------------------------------------------------------
@@ -418,7 +425,8 @@ class ApiServer:
             return RESOURCES[kind]
         except KeyError:
             raise ValueError(
-                f"unsupported kind {kind!r}; expected one of {sorted(RESOURCES)}") from None
+                f"unsupported kind {kind!r}; expected one of {sorted(RESOURCES)}"
+            ) from None
 
     def _normalize(self, resource: ResourceType, obj: Mapping[str, Any]) -> JSONObj:
         if not isinstance(obj, Mapping):
@@ -454,8 +462,7 @@ class ApiServer:
         key = _key(resource, new)
         with self._lock:
             if key in self._objects[kind]:
-                raise ApiError(409, "AlreadyExists",
-                               f'{resource.plural} "{key[1]}" already exists')
+                raise ApiError(409, "AlreadyExists", f'{resource.plural} "{key[1]}" already exists')
             self._rv += 1
             meta = new["metadata"]
             meta["resourceVersion"] = str(self._rv)
@@ -478,7 +485,8 @@ class ApiServer:
             sent_rv = new["metadata"].get("resourceVersion")
             if check_version and sent_rv and sent_rv != old["metadata"]["resourceVersion"]:
                 raise ApiError(
-                    409, "Conflict",
+                    409,
+                    "Conflict",
                     f'Operation cannot be fulfilled on {resource.plural} "{key[1]}": the object '
                     "has been modified; please apply your changes to the latest version and "
                     "try again",
@@ -531,8 +539,11 @@ class ApiServer:
         self, kind: str, selector: Selector | None = None
     ) -> tuple[int, list[JSONObj]]:
         with self._lock:
-            items = [copy.deepcopy(o) for o in self._objects[kind].values()
-                     if selector is None or selector.matches(o)]
+            items = [
+                copy.deepcopy(o)
+                for o in self._objects[kind].values()
+                if selector is None or selector.matches(o)
+            ]
             return self._rv, items
 
     # ---- watch plumbing --------------------------------------------------------------------
@@ -545,8 +556,11 @@ class ApiServer:
         with self._lock:
             if since is None:
                 # No RV (or "0"): synthetic ADDED for the current state, then live.
-                replay = [{"type": "ADDED", "object": copy.deepcopy(o)}
-                          for o in self._objects[kind].values() if selector.matches(o)]
+                replay = [
+                    {"type": "ADDED", "object": copy.deepcopy(o)}
+                    for o in self._objects[kind].values()
+                    if selector.matches(o)
+                ]
             else:
                 if since < self._oldest_rv:
                     raise _Expired(f"too old resource version: {since} ({self._oldest_rv})")
@@ -611,25 +625,50 @@ _BY_PLURAL = {(r.prefix, r.plural): r for r in RESOURCES.values()}
 
 def _discovery(path: str) -> JSONObj | None:
     if path == "/version":
-        return {"major": "1", "minor": "33", "gitVersion": "v1.33.0-kproxy-fake",
-                "platform": "linux/amd64"}
+        return {
+            "major": "1",
+            "minor": "33",
+            "gitVersion": "v1.33.0-kproxy-fake",
+            "platform": "linux/amd64",
+        }
     if path == "/api":
-        return {"kind": "APIVersions", "versions": ["v1"],
-                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]}
+        return {
+            "kind": "APIVersions",
+            "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}],
+        }
     if path == "/apis":
-        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [{
-            "name": "discovery.k8s.io",
-            "versions": [{"groupVersion": "discovery.k8s.io/v1", "version": "v1"}],
-            "preferredVersion": {"groupVersion": "discovery.k8s.io/v1", "version": "v1"},
-        }]}
-    for prefix, group_version in (("/api/v1", "v1"),
-                                  ("/apis/discovery.k8s.io/v1", "discovery.k8s.io/v1")):
+        return {
+            "kind": "APIGroupList",
+            "apiVersion": "v1",
+            "groups": [
+                {
+                    "name": "discovery.k8s.io",
+                    "versions": [{"groupVersion": "discovery.k8s.io/v1", "version": "v1"}],
+                    "preferredVersion": {"groupVersion": "discovery.k8s.io/v1", "version": "v1"},
+                }
+            ],
+        }
+    for prefix, group_version in (
+        ("/api/v1", "v1"),
+        ("/apis/discovery.k8s.io/v1", "discovery.k8s.io/v1"),
+    ):
         if path == prefix:
-            return {"kind": "APIResourceList", "groupVersion": group_version, "resources": [
-                {"name": r.plural, "singularName": r.kind.lower(), "namespaced": r.namespaced,
-                 "kind": r.kind,
-                 "verbs": ["create", "delete", "get", "list", "update", "watch"]}
-                for r in RESOURCES.values() if r.prefix == prefix]}
+            return {
+                "kind": "APIResourceList",
+                "groupVersion": group_version,
+                "resources": [
+                    {
+                        "name": r.plural,
+                        "singularName": r.kind.lower(),
+                        "namespaced": r.namespaced,
+                        "kind": r.kind,
+                        "verbs": ["create", "delete", "get", "list", "update", "watch"],
+                    }
+                    for r in RESOURCES.values()
+                    if r.prefix == prefix
+                ],
+            }
     return None
 
 
@@ -718,8 +757,7 @@ class _Handler(BaseHTTPRequestHandler):
                     meta["namespace"] = ns
                 self._send_json(200, api.delete(resource.kind, {"metadata": meta}))
             else:
-                raise ApiError(405, "MethodNotAllowed",
-                               f"{method} is not supported on {url.path}")
+                raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {url.path}")
         except ApiError as err:
             self._send_error(err)
         except (BrokenPipeError, ConnectionResetError, OSError) as exc:
@@ -733,21 +771,34 @@ class _Handler(BaseHTTPRequestHandler):
         meta = body.setdefault("metadata", {})
         if ns:
             if meta.get("namespace", ns) != ns:
-                raise ApiError(400, "BadRequest",
-                               "the namespace of the provided object does not match the "
-                               "namespace sent on the request")
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    "the namespace of the provided object does not match the "
+                    "namespace sent on the request",
+                )
             meta["namespace"] = ns
         if name is not None and meta.get("name", name) != name:
-            raise ApiError(400, "BadRequest",
-                           "the name of the object does not match the name on the URL")
+            raise ApiError(
+                400, "BadRequest", "the name of the object does not match the name on the URL"
+            )
         if name is not None:
             meta["name"] = name
         return body
 
-    def _collection(self, api: ApiServer, resource: ResourceType, ns: str | None,
-                    query: dict[str, str], faults: Faults) -> None:
-        selector = Selector(parse_label_selector(query.get("labelSelector", "")),
-                            parse_field_selector(query.get("fieldSelector", ""), resource), ns)
+    def _collection(
+        self,
+        api: ApiServer,
+        resource: ResourceType,
+        ns: str | None,
+        query: dict[str, str],
+        faults: Faults,
+    ) -> None:
+        selector = Selector(
+            parse_label_selector(query.get("labelSelector", "")),
+            parse_field_selector(query.get("fieldSelector", ""), resource),
+            ns,
+        )
         rv_text = query.get("resourceVersion", "")
         if rv_text not in ("", "0") and not rv_text.isdigit():
             raise ApiError(400, "BadRequest", f"invalid resource version: {rv_text!r}")
@@ -764,20 +815,38 @@ class _Handler(BaseHTTPRequestHandler):
                 # Only the newest snapshot is kept, so older exact reads are expired.
                 raise ApiError(410, "Expired", f"too old resource version: {since} ({current})")
             if since > current:
-                raise ApiError(504, "Timeout", f"Too large resource version: {since}, "
-                               f"current: {current}")
+                raise ApiError(
+                    504, "Timeout", f"Too large resource version: {since}, current: {current}"
+                )
         elif match:
-            raise ApiError(422, "Invalid",
-                           "resourceVersionMatch is forbidden unless resourceVersion is provided")
+            raise ApiError(
+                422,
+                "Invalid",
+                "resourceVersionMatch is forbidden unless resourceVersion is provided",
+            )
         for item in items:
             # List items carry no kind/apiVersion on the real server either.
             item.pop("kind", None)
             item.pop("apiVersion", None)
-        self._send_json(200, {"kind": f"{resource.kind}List", "apiVersion": resource.api_version,
-                              "metadata": {"resourceVersion": str(current)}, "items": items})
+        self._send_json(
+            200,
+            {
+                "kind": f"{resource.kind}List",
+                "apiVersion": resource.api_version,
+                "metadata": {"resourceVersion": str(current)},
+                "items": items,
+            },
+        )
 
-    def _watch(self, api: ApiServer, resource: ResourceType, selector: Selector,
-               since: int | None, query: dict[str, str], faults: Faults) -> None:
+    def _watch(
+        self,
+        api: ApiServer,
+        resource: ResourceType,
+        selector: Selector,
+        since: int | None,
+        query: dict[str, str],
+        faults: Faults,
+    ) -> None:
         timeout_text = query.get("timeoutSeconds", "")
         deadline = time.monotonic() + float(timeout_text) if timeout_text else None
         bookmarks = query.get("allowWatchBookmarks") in ("1", "true", "True")
@@ -806,9 +875,16 @@ class _Handler(BaseHTTPRequestHandler):
                     if bookmarks and time.monotonic() >= next_bookmark:
                         rv = api._bookmark_rv(watch)
                         if rv is not None:
-                            self._chunk({"type": "BOOKMARK", "object": {
-                                "kind": resource.kind, "apiVersion": resource.api_version,
-                                "metadata": {"resourceVersion": str(rv)}}})
+                            self._chunk(
+                                {
+                                    "type": "BOOKMARK",
+                                    "object": {
+                                        "kind": resource.kind,
+                                        "apiVersion": resource.api_version,
+                                        "metadata": {"resourceVersion": str(rv)},
+                                    },
+                                }
+                            )
                         next_bookmark = time.monotonic() + api.bookmark_interval
                     continue
                 if item is None:
