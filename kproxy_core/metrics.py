@@ -16,10 +16,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: The classic text format (what generate_latest writes), as upstream serves it.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: ExponentialBuckets(0.001, 2, 15): 1ms .. ~16s.
 SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
@@ -68,79 +69,128 @@ class Metrics:
             return Counter(f"kubeproxy_{name}", _ALPHA + doc, labelnames=labels, registry=r)
 
         # -- every mode (upstream RegisterMetrics' common part) ---------------------------------
-        self.sync_duration = hist("sync_proxy_rules_duration_seconds",
-                                  "SyncProxyRules latency in seconds", SYNC_BUCKETS)
-        self.last_queued = gauge("sync_proxy_rules_last_queued_timestamp_seconds",
-                                 "The last time a sync of proxy rules was queued")
-        self.last_synced = gauge("sync_proxy_rules_last_timestamp_seconds",
-                                 "The last time proxy rules were successfully synced")
-        self.endpoint_changes_pending = gauge("sync_proxy_rules_endpoint_changes_pending",
-                                              "Pending proxy rules Endpoint changes")
-        self.endpoint_changes_total = counter("sync_proxy_rules_endpoint_changes_total",
-                                              "Cumulative proxy rules Endpoint changes")
-        self.service_changes_pending = gauge("sync_proxy_rules_service_changes_pending",
-                                             "Pending proxy rules Service changes")
-        self.service_changes_total = counter("sync_proxy_rules_service_changes_total",
-                                             "Cumulative proxy rules Service changes")
-        self.healthz_total = counter("proxy_healthz_total", "Cumulative proxy healthz HTTP status",
-                                     ("code",))
-        self.livez_total = counter("proxy_livez_total", "Cumulative proxy livez HTTP status",
-                                   ("code",))
-        self.network_programming = hist("network_programming_duration_seconds",
-                                        "In Cluster Network Programming Latency in seconds",
-                                        NETWORK_PROGRAMMING_BUCKETS)
+        self.sync_duration = hist(
+            "sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds", SYNC_BUCKETS
+        )
+        self.last_queued = gauge(
+            "sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+        )
+        self.last_synced = gauge(
+            "sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+        )
+        self.endpoint_changes_pending = gauge(
+            "sync_proxy_rules_endpoint_changes_pending", "Pending proxy rules Endpoint changes"
+        )
+        self.endpoint_changes_total = counter(
+            "sync_proxy_rules_endpoint_changes_total", "Cumulative proxy rules Endpoint changes"
+        )
+        self.service_changes_pending = gauge(
+            "sync_proxy_rules_service_changes_pending", "Pending proxy rules Service changes"
+        )
+        self.service_changes_total = counter(
+            "sync_proxy_rules_service_changes_total", "Cumulative proxy rules Service changes"
+        )
+        self.healthz_total = counter(
+            "proxy_healthz_total", "Cumulative proxy healthz HTTP status", ("code",)
+        )
+        self.livez_total = counter(
+            "proxy_livez_total", "Cumulative proxy livez HTTP status", ("code",)
+        )
+        self.network_programming = hist(
+            "network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            NETWORK_PROGRAMMING_BUCKETS,
+        )
         self.no_local_endpoints = gauge(
             "sync_proxy_rules_no_local_endpoints_total",
             "Number of services with a Local traffic policy and no endpoints",
             ("traffic_policy",),
         )
         # -- mode-specific ----------------------------------------------------------------------
-        self.full_sync_duration = hist("sync_full_proxy_rules_duration_seconds",
-                                       "SyncProxyRules latency in seconds for full resyncs",
-                                       SYNC_BUCKETS)
-        self.partial_sync_duration = hist("sync_partial_proxy_rules_duration_seconds",
-                                          "SyncProxyRules latency in seconds for partial resyncs",
-                                          SYNC_BUCKETS)
-        self.restore_failures = counter("sync_proxy_rules_iptables_restore_failures_total",
-                                        "Cumulative proxy iptables restore failures")
+        self.full_sync_duration = hist(
+            "sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            SYNC_BUCKETS,
+        )
+        self.partial_sync_duration = hist(
+            "sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            SYNC_BUCKETS,
+        )
+        self.restore_failures = counter(
+            "sync_proxy_rules_iptables_restore_failures_total",
+            "Cumulative proxy iptables restore failures",
+        )
         self.partial_restore_failures = counter(
             "sync_proxy_rules_iptables_partial_restore_failures_total",
             "Cumulative proxy iptables partial restore failures",
         )
-        self.iptables_total = gauge("sync_proxy_rules_iptables_total",
-                                    "Total number of iptables rules owned by kube-proxy",
-                                    ("table",))
-        self.iptables_last = gauge("sync_proxy_rules_iptables_last",
-                                   "Number of iptables rules written by kube-proxy in last sync",
-                                   ("table",))
-        self.nftables_sync_failures = counter("sync_proxy_rules_nftables_sync_failures_total",
-                                              "Cumulative proxy nftables sync failures")
+        self.iptables_total = gauge(
+            "sync_proxy_rules_iptables_total",
+            "Total number of iptables rules owned by kube-proxy",
+            ("table",),
+        )
+        self.iptables_last = gauge(
+            "sync_proxy_rules_iptables_last",
+            "Number of iptables rules written by kube-proxy in last sync",
+            ("table",),
+        )
+        self.nftables_sync_failures = counter(
+            "sync_proxy_rules_nftables_sync_failures_total",
+            "Cumulative proxy nftables sync failures",
+        )
         self.nftables_cleanup_failures = counter(
             "sync_proxy_rules_nftables_cleanup_failures_total",
             "Cumulative proxy nftables cleanup failures",
         )
         # -- kproxy ------------------------------------------------------------------------------
-        self.sync_errors = Counter("kproxy_sync_errors_total",
-                                   "Syncs that failed (the core retries with a full sync)",
-                                   ("full",), registry=r)
-        self.invalid_objects = Counter("kproxy_invalid_objects_total",
-                                       "API objects ignored because they failed validation",
-                                       ("kind",), registry=r)
-        self.backend_counters = Gauge("kproxy_backend_objects",
-                                      "Counters the proxy mode reported for its last sync",
-                                      ("counter",), registry=r)
+        self.sync_errors = Counter(
+            "kproxy_sync_errors_total",
+            "Syncs that failed (the core retries with a full sync)",
+            ("full",),
+            registry=r,
+        )
+        self.invalid_objects = Counter(
+            "kproxy_invalid_objects_total",
+            "API objects ignored because they failed validation",
+            ("kind",),
+            registry=r,
+        )
+        self.backend_counters = Gauge(
+            "kproxy_backend_objects",
+            "Counters the proxy mode reported for its last sync",
+            ("counter",),
+            registry=r,
+        )
 
-        for metric in (self.sync_duration, self.last_queued, self.last_synced,
-                       self.endpoint_changes_pending, self.endpoint_changes_total,
-                       self.service_changes_pending, self.service_changes_total,
-                       self.healthz_total, self.livez_total, self.network_programming,
-                       self.no_local_endpoints, self.sync_errors, self.invalid_objects,
-                       self.backend_counters):
+        for metric in (
+            self.sync_duration,
+            self.last_queued,
+            self.last_synced,
+            self.endpoint_changes_pending,
+            self.endpoint_changes_total,
+            self.service_changes_pending,
+            self.service_changes_total,
+            self.healthz_total,
+            self.livez_total,
+            self.network_programming,
+            self.no_local_endpoints,
+            self.sync_errors,
+            self.invalid_objects,
+            self.backend_counters,
+        ):
             self._use(metric)
         for metric in {
-            "iptables": (self.full_sync_duration, self.partial_sync_duration,
-                         self.restore_failures, self.partial_restore_failures,
-                         self.iptables_total, self.iptables_last),
+            "iptables": (
+                self.full_sync_duration,
+                self.partial_sync_duration,
+                self.restore_failures,
+                self.partial_restore_failures,
+                self.iptables_total,
+                self.iptables_last,
+            ),
             "ipvs": (self.restore_failures,),
             "nftables": (self.nftables_sync_failures, self.nftables_cleanup_failures),
         }.get(mode or "", ()):
@@ -191,17 +241,23 @@ class Metrics:
         if endpoints:
             self.endpoint_changes_total.inc(endpoints)
 
-    def set_changes(self, pending_services: int, pending_endpoints: int, total_services: int,
-                    total_endpoints: int) -> None:
+    def set_changes(
+        self,
+        pending_services: int,
+        pending_endpoints: int,
+        total_services: int,
+        total_endpoints: int,
+    ) -> None:
         """Pending gauges plus cumulative totals given as running counts (the counters advance
         by the difference since the last call; a count that went down is ignored)."""
         self.set_pending(pending_services, pending_endpoints)
         with self._lock:
             d_services = max(0, total_services - self._last_totals["services"])
             d_endpoints = max(0, total_endpoints - self._last_totals["endpoints"])
-            self._last_totals = {"services": max(total_services, self._last_totals["services"]),
-                                 "endpoints": max(total_endpoints,
-                                                  self._last_totals["endpoints"])}
+            self._last_totals = {
+                "services": max(total_services, self._last_totals["services"]),
+                "endpoints": max(total_endpoints, self._last_totals["endpoints"]),
+            }
         self.count_changes(d_services, d_endpoints)
 
     def set_no_local_endpoints(self, internal: int, external: int) -> None:
@@ -232,8 +288,7 @@ class Metrics:
             self._use(self.iptables_last).labels(table=table).set(last)
 
     def nftables_failure(self, cleanup: bool = False) -> None:
-        self._use(self.nftables_cleanup_failures if cleanup else self.nftables_sync_failures
-                  ).inc()
+        self._use(self.nftables_cleanup_failures if cleanup else self.nftables_sync_failures).inc()
 
     # -- servers -------------------------------------------------------------------------------
 
