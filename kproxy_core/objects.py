@@ -9,6 +9,7 @@ elsewhere: unknown fields are ignored and purely informational values that fail 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, NoReturn, cast
@@ -164,14 +165,12 @@ class _Reader:
     def ip(self, value: Any, path: str, family: IPFamily | None = None) -> str:
         if not isinstance(value, str):
             self.fail(path, f"expected an IP address string, got {_type_name(value)}")
-        try:
-            parsed = ipaddress.ip_address(value)
-        except ValueError:
+        canonical = canonical_ip(value)
+        if canonical is None:
             self.fail(path, f"{value!r} is not a valid IP address")
-        if family is not None and parsed.version != family:
+        if family is not None and (6 if ":" in canonical else 4) != family:
             self.fail(path, f"{value} is not an IPv{family} address")
-        # IPv6 has many spellings of one address; dedupe and rule text need the canonical one.
-        return str(parsed) if parsed.version == 6 else value
+        return canonical
 
     def cidr(self, value: Any, path: str) -> str:
         if not isinstance(value, str):
@@ -183,6 +182,24 @@ class _Reader:
         except ValueError:
             self.fail(path, f"{value!r} is not a valid CIDR")
         return text
+
+
+def canonical_ip(text: str) -> str | None:
+    """The canonical spelling of an IP address, or None if ``text`` is not one.
+
+    inet_pton is strict (no leading zeros, no zone index, no whitespace) and an order of
+    magnitude faster than `ipaddress`, which matters at 50k endpoint addresses per relist.
+    IPv6 has many spellings of one address; dedupe and rule text need the canonical one.
+    """
+    try:
+        socket.inet_pton(socket.AF_INET, text)
+        return text
+    except OSError:
+        pass
+    try:
+        return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text))
+    except (OSError, ValueError):
+        return None
 
 
 def _type_name(value: Any) -> str:

@@ -10,6 +10,7 @@ Pure functions from API records (`Service`, `EndpointSlice`) plus this node's na
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import attrs
 
@@ -43,13 +44,15 @@ class NodeInfo:
     zone: str = ""
 
 
-@attrs.frozen
-class Candidate:
+class Candidate(NamedTuple):
     """An endpoint of one service port before categorisation, with its topology hints."""
 
     endpoint: Endpoint
     hints_zones: frozenset[str] = frozenset()
     hints_nodes: frozenset[str] = frozenset()
+
+
+_NO_HINTS: frozenset[str] = frozenset()
 
 
 def endpoint_sort_key(ep: Endpoint) -> str:
@@ -150,8 +153,8 @@ def collect_candidates(
                     node_name=se.node_name,
                     zone=se.zone,
                 ),
-                frozenset(se.hints_zones),
-                frozenset(se.hints_nodes),
+                frozenset(se.hints_zones) if se.hints_zones else _NO_HINTS,
+                frozenset(se.hints_nodes) if se.hints_nodes else _NO_HINTS,
             )
     return sorted(by_addr.values(), key=lambda c: endpoint_sort_key(c.endpoint))
 
