@@ -248,6 +248,9 @@ class _Tracer:
         if start == 0:
             st = attrs.evolve(st, visited=(*st.visited, f"{table.name}/{chain}"))
         results: list[tuple[_State, _Outcome]] = []
+        # Paths that skipped a "maybe" rule; listed after the paths that took it, so that
+        # endpoints come out in rule order.
+        skipped: list[tuple[_State, _Outcome]] = []
         rules = found.rules
         index = start
         while index < len(rules):
@@ -260,7 +263,7 @@ class _Tracer:
                 self.paths += 1
                 if self.paths > MAX_PATHS:
                     raise TraceError(f"more than {MAX_PATHS} paths: rule set too branchy")
-                results.extend(self.walk(table, chain, index, st, depth))
+                skipped = self.walk(table, chain, index, st, depth) + skipped
             target = rule.target
             if target is None:
                 continue
@@ -270,15 +273,15 @@ class _Tracer:
                         results.extend(self.walk(table, chain, index, sub_state, depth))
                     else:
                         results.append((sub_state, outcome))
-                return results
+                return results + skipped
             new_state, verdict = self.apply_target(table, rule, st)
             if verdict is None:
                 st = new_state
                 continue
             results.append((new_state, verdict))
-            return results
+            return results + skipped
         results.append((st, "return"))
-        return results
+        return results + skipped
 
     def apply_target(self, table: Table, rule: Rule, st: _State
                      ) -> tuple[_State, _Outcome | None]:
