@@ -202,6 +202,7 @@ class IptablesProxier(Backend):
             node_ip=node_ips[0] if node_ips else "",
             conntrack_tcp_liberal=self._tcp_liberal,
             large_cluster=total_endpoints > R.LARGE_CLUSTER_ENDPOINTS_THRESHOLD,
+            targetless_rules=s.writer != "libiptc",
         )
 
     def plan(self, request: SyncRequest, family: int, *, full: bool,

@@ -162,6 +162,10 @@ class RenderConfig:
     #: nf_conntrack_tcp_be_liberal is set: no INVALID drop rule, as upstream.
     conntrack_tcp_liberal: bool = False
     large_cluster: bool = False
+    #: Upstream ends KUBE-FW chains with a comment-only rule (no target). python-iptables
+    #: crashes appending a rule without a target, so the libiptc writer gets an explicit
+    #: ``-j RETURN`` there instead, which is what falling off the chain's end does anyway.
+    targetless_rules: bool = True
 
 
 def masquerade_mark(bit: int) -> str:
@@ -381,7 +385,8 @@ def render_service(port: ResolvedServicePort, cfg: RenderConfig) -> ServiceRules
             for ip in port.load_balancer_ips:
                 rules.append(f"{prefix} -s {ip} -j {ext_chain}")
         c = quote(f"other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL")
-        rules.append(f"-A {fw_chain} -m comment --comment {c}")
+        end = "" if cfg.targetless_rules else " -j RETURN"
+        rules.append(f"-A {fw_chain} -m comment --comment {c}{end}")
 
     sep_names: dict[str, str] = {}
     for ep in _unique_endpoints(cluster_eps, local_eps):
