@@ -224,6 +224,7 @@ class Demo:
         self.manifest = self.workdir / "manifests" / "cluster.yaml"
         self.log_path = self.workdir / "kproxy.log"
         self.sandbox: ClusterSandbox | None = None
+        self.kernel_dataplane = kernel_dataplane(mode)
         self.kproxy: subprocess.Popen[bytes] | None = None
 
     # -- set-up --------------------------------------------------------------------------------
@@ -372,7 +373,12 @@ class Demo:
     def stop_and_cleanup(self) -> None:
         assert self.sandbox is not None and self.kproxy is not None
         sb = self.sandbox
-        self.out("\n7. Stopping kproxy (SIGTERM): the programmed rules stay, traffic keeps flowing")
+        if self.kernel_dataplane:
+            self.out("\n7. Stopping kproxy (SIGTERM): the programmed rules stay, traffic keeps "
+                     "flowing")
+        else:
+            self.out(f"\n7. Stopping kproxy (SIGTERM): in {self.mode} mode the process itself "
+                     "relays every connection, so traffic stops with it")
         os.killpg(self.kproxy.pid, signal.SIGTERM)
         try:
             code = self.kproxy.wait(timeout=15)
@@ -381,12 +387,19 @@ class Demo:
         self.out(f"  kproxy exited with status {code}")
         if code != 0:
             self.failures.append(f"kproxy exited {code} on SIGTERM")
-        self.show("  with kproxy stopped", sb.pods[0].ns, sb.pods[0].name, "10.96.0.10", 80, 3)
+        pod = sb.pods[0]
+        if self.kernel_dataplane:
+            self.show("  with kproxy stopped", pod.ns, pod.name, "10.96.0.10", 80, 3)
+        else:
+            reply = requests(pod.ns, "10.96.0.10", 80, 1)[0]
+            self.out(f"  a request to the ClusterIP with kproxy stopped: {reply}")
 
         argv = [*kproxy_command(), "--cleanup"]
         self.out(f"\n8. Removing everything kproxy programmed: $ {shlex.join(argv)}")
         proc = sb.node.run(argv, check=False, timeout=60)
-        for line in (proc.stdout + proc.stderr).strip().splitlines()[-12:]:
+        # One line per removed object is noise here; the summary line says it all.
+        shown = proc.stdout.strip().splitlines()[-1:] or proc.stderr.strip().splitlines()[-5:]
+        for line in shown:
             self.out(f"    | {line}")
         if proc.returncode != 0:
             self.failures.append(f"kproxy --cleanup exited {proc.returncode}")
@@ -431,6 +444,16 @@ class Demo:
 
 def _answered(reply: str) -> bool:
     return bool(reply) and reply.split()[0] not in ("refused", "timeout", "error", "error:")
+
+
+def kernel_dataplane(mode: str) -> bool:
+    """Whether ``mode`` programs the kernel to forward (and traffic outlives the process).
+    A mode that terminates connections itself opts out of conntrack cleanup for the same
+    reason, so that attribute tells."""
+    from kproxy_core.plugins import KproxyPluginManager
+
+    spec = KproxyPluginManager().modes().get(mode)
+    return spec is None or spec.load().needs_conntrack_cleanup
 
 
 def installed_modes() -> list[str]:
