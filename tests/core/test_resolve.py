@@ -7,6 +7,8 @@ from typing import Any
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kproxy_core.model import (
     EndpointPortSpec,
@@ -551,3 +553,61 @@ def test_excluded_endpoints_do_not_affect_equality() -> None:
     b = only(resolve_service(service(), [slice_("a", READY_R, UNREADY_R)], NODE))
     assert a == b
     assert a.excluded_endpoints != b.excluded_endpoints
+
+
+# --------------------------------------------------------------------------------------------
+# Invariants over random inputs
+# --------------------------------------------------------------------------------------------
+
+_endpoint_strategy = st.builds(
+    ep,
+    st.sampled_from([f"10.1.0.{i}" for i in range(1, 7)]),
+    ready=st.booleans(),
+    serving=st.booleans(),
+    terminating=st.booleans(),
+    node=st.sampled_from(["", "node-a", "node-b"]),
+    zones=st.sampled_from([(), ("zone-a",), ("zone-b",), ("zone-a", "zone-b")]),
+    nodes=st.sampled_from([(), ("node-a",), ("node-b",)]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    endpoints=st.lists(_endpoint_strategy, max_size=8),
+    itp=st.booleans(),
+    etp=st.booleans(),
+    node_port=st.sampled_from([0, 30080]),
+    split=st.integers(0, 8),
+)
+def test_invariants(
+    endpoints: list[SliceEndpoint], itp: bool, etp: bool, node_port: int, split: int
+) -> None:
+    svc = service(
+        type="NodePort" if node_port else "ClusterIP",
+        ports=(ServicePortSpec("p80", "TCP", 80, 80, node_port),),
+        internal_traffic_policy_local=itp,
+        external_traffic_policy_local=etp,
+    )
+    slices = [slice_("a", *endpoints[:split]), slice_("b", *endpoints[split:])]
+    r = only(resolve_service(svc, slices, NODE))
+    assert r == only(resolve_service(svc, list(reversed(slices)), NODE))
+
+    reachable = set(addrs(r.all_reachable_endpoints))
+    assert reachable == set(addrs(r.cluster_endpoints)) | set(addrs(r.local_endpoints))
+    excluded = [e.address for e, _ in r.excluded_endpoints]
+    assert reachable.isdisjoint(excluded)
+    distinct = {f"{e.address}:8080" for e in endpoints}
+    assert reachable | set(excluded) == distinct
+    assert all(e.is_local for e in r.local_endpoints)
+    for group in (r.cluster_endpoints, r.local_endpoints, r.all_reachable_endpoints):
+        assert list(group) == sorted(group, key=lambda e: e.address)
+    if itp and not node_port:
+        assert r.cluster_endpoints == ()
+    if not itp and not (etp and node_port):
+        assert r.local_endpoints == ()
+    usable = [e for e in endpoints if e.ready or (e.serving and e.terminating)]
+    # de-duplication may hide a usable copy behind an unusable one with the same address
+    if r.has_any_endpoints:
+        assert usable
+    if not usable:
+        assert not r.has_any_endpoints and not reachable
