@@ -427,6 +427,15 @@ _ZERO_MEANS_DEFAULT = frozenset(
     }
 )
 
+
+
+def _zero_means_default(path: str) -> bool:
+    # Upstream defaults every mode's syncPeriod (ipvs, nftables) when zero, and nftables'
+    # minSyncPeriod; ipvs.minSyncPeriod keeps 0.
+    return (path in _ZERO_MEANS_DEFAULT or path.endswith(".syncPeriod")
+            or path == "nftables.minSyncPeriod")
+
+
 #: Sections of upstream's file that belong to modes; when no installed plugin declares them
 #: they are accepted (field names checked) and written back unchanged.
 UPSTREAM_MODE_SECTIONS: dict[str, frozenset[str]] = {
@@ -691,7 +700,8 @@ def build_parser(options: OptionRegistry, modes: Sequence[str] = ()) -> argparse
 def _metavar(option: Option) -> str:
     if option.choices:
         return "{" + ",".join(c for c in option.choices if c) + "}"
-    return {"duration": "DURATION", "integer": "INT", "number": "FLOAT"}.get(
+    return {"duration": "DURATION", "integer": "INT", "number": "FLOAT", "string list": "LIST",
+            "comma-separated CIDRs": "CIDRS", "key=bool pairs": "KEY=BOOL"}.get(
         option.kind.name, option.kind.name.split()[0].upper()
     )
 
@@ -744,7 +754,7 @@ def load_config(
             option = options.get(option_path)
             assert option is not None
             value = _parse(option, raw, option_path)
-            if option_path in _ZERO_MEANS_DEFAULT and value in ("", 0, 0.0):
+            if _zero_means_default(option_path) and value in ("", 0, 0.0):
                 continue
             if value is None and option.default is not None:
                 continue
@@ -946,7 +956,7 @@ def _validate(config: Config, options: OptionRegistry, modes: Sequence[str] | No
         if option.check is not None and values.get(option.path) is not None:
             try:
                 option.check(values[option.path])
-            except OptionError as exc:
+            except ValueError as exc:  # OptionError, or a plugin's check raising ValueError
                 raise ConfigError(_where(config, option), str(exc)) from None
     # Every mode section with a sync period follows upstream's rule minSync <= sync.
     for option in options:

@@ -305,3 +305,35 @@ def test_unknown_dict_key() -> None:
 
 def test_namespace_without_values() -> None:
     assert load_config(argparse.Namespace(), registry()).mode == "iptables"
+
+
+def test_kubeadm_zero_sync_periods_default_for_plugin_sections(tmp_path: Path) -> None:
+    """With the ipvs/nftables plugins installed their sections are parsed, and kubeadm's
+    ``syncPeriod: 0s`` still means the default, as upstream."""
+
+    def positive(value: float) -> None:
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+
+    extra = [
+        Option("ipvs.syncPeriod", "--ipvs-sync-period", DURATION, 30.0, "x", owner="ipvs",
+               check=positive),
+        Option("ipvs.minSyncPeriod", "--ipvs-min-sync-period", DURATION, 0.0, "x", owner="ipvs"),
+        Option("nftables.syncPeriod", None, DURATION, 30.0, "x", owner="nftables"),
+        Option("nftables.minSyncPeriod", None, DURATION, 1.0, "x", owner="nftables"),
+    ]
+    options = registry(*extra)
+    with pytest.raises(ConfigError, match="ipvs.excludeCIDRs: unknown field"):
+        parse(["--config", str(DATA / "kubeadm-config.conf")], options)
+    text = (DATA / "kubeadm-config.conf").read_text()
+    keep = {"syncPeriod", "minSyncPeriod"}
+    doc = yaml.safe_load(text)
+    doc["ipvs"] = {k: v for k, v in doc["ipvs"].items() if k in keep}
+    doc["nftables"] = {k: v for k, v in doc["nftables"].items() if k in keep}
+    path = tmp_path / "kubeadm-trimmed.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    config = parse(["--config", str(path)], options)
+    assert config.get("ipvs.syncPeriod") == 30.0
+    assert config.get("ipvs.minSyncPeriod") == 0.0
+    assert config.get("nftables.minSyncPeriod") == 1.0
+    assert config.passthrough == {}
