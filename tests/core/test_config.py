@@ -323,7 +323,7 @@ def test_kubeadm_zero_sync_periods_default_for_plugin_sections(tmp_path: Path) -
         Option("nftables.minSyncPeriod", None, DURATION, 1.0, "x", owner="nftables"),
     ]
     options = registry(*extra)
-    with pytest.raises(ConfigError, match="ipvs.excludeCIDRs: unknown field"):
+    with pytest.raises(ConfigError, match=r"ipvs\.excludeCIDRs: unknown field"):
         parse(["--config", str(DATA / "kubeadm-config.conf")], options)
     text = (DATA / "kubeadm-config.conf").read_text()
     keep = {"syncPeriod", "minSyncPeriod"}
