@@ -300,7 +300,7 @@ class Metrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition (``CONTENT_TYPE``)."""
-        return generate_latest(_WithoutCreated(self.registry))  # type: ignore[arg-type]
+        return generate_latest(_WithoutCreated(self.registry))  # type: ignore[arg-type,unused-ignore]
 
     def sample(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
         """One sample's current value (tests, ``kproxy explain``)."""
