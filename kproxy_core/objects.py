@@ -474,10 +474,11 @@ def _slice_endpoints(r: _Reader, raw: Any, path: str, family: IPFamily) -> list[
     ready_raw = r.boolean(cond, "ready", f"{path}.conditions.ready")
     serving_raw = r.boolean(cond, "serving", f"{path}.conditions.serving")
     terminating_raw = r.boolean(cond, "terminating", f"{path}.conditions.terminating")
-    # API semantics: ready unknown -> ready; serving unknown -> same as ready;
-    # terminating unknown -> not terminating.
+    # As upstream kube-proxy (endpointslicecache.go): ready and serving unknown -> true;
+    # terminating unknown -> not terminating. (A terminating endpoint whose controller did not
+    # set serving still counts for the terminating fallback, as upstream.)
     ready = True if ready_raw is None else ready_raw
-    serving = ready if serving_raw is None else serving_raw
+    serving = True if serving_raw is None else serving_raw
     terminating = bool(terminating_raw)
     node_name = r.string(ep, "nodeName", f"{path}.nodeName")
     zone = r.string(ep, "zone", f"{path}.zone")

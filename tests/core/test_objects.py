@@ -342,7 +342,8 @@ def test_service_misc_fields_and_leniency() -> None:
     [
         (None, (True, True, False)),
         ({}, (True, True, False)),
-        ({"ready": False}, (False, False, False)),
+        ({"ready": False}, (False, True, False)),
+        ({"ready": False, "terminating": True}, (False, True, True)),
         ({"ready": True, "serving": False}, (True, False, False)),
         ({"ready": False, "serving": True, "terminating": True}, (False, True, True)),
         ({"ready": False, "serving": False, "terminating": True}, (False, False, True)),
