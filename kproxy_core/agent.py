@@ -133,7 +133,7 @@ class Proxy:
     def _make_metrics(self) -> Any:
         from kproxy_core.metrics import Metrics
 
-        return Metrics()
+        return Metrics(mode=self.mode)
 
     def _make_health(self) -> Any:
         from kproxy_core.servers import HealthState
@@ -271,6 +271,8 @@ class Proxy:
             result = self.backend.sync(request)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
+            if type(exc).__name__ == "RestoreError":  # iptables-restore, in any mode using it
+                self.metrics.restore_failure(partial=not full)
         duration = time.monotonic() - started
         report = SyncReport(
             mode=self.mode,
@@ -305,7 +307,10 @@ class Proxy:
             self._clear_stale_conntrack(request)
         if self._service_health is not None:
             self._service_health.sync(health_check_ports(request.view))
+        node = self.state.node()
+        self.health.sync_node(node.deleting if node is not None else False)
         self.health.updated(now)
+        self.metrics.set_no_local_endpoints(*no_local_endpoints(request.view))
         self.metrics.observe_sync(report.duration, report.full)
         self.metrics.synced(now)
         for trigger_time in self._pending_triggers:
@@ -356,3 +361,17 @@ def health_check_ports(view: NodeView) -> Mapping[tuple[str, str], tuple[int, in
             ep.ip for ep in port.local_endpoints if ep.ready
         )
     return {service: (ports[service], len(local_ips[service])) for service in ports}
+
+
+def no_local_endpoints(view: NodeView) -> tuple[int, int]:
+    """Services whose Local traffic policy leaves no endpoint on this node while the cluster
+    has some (upstream's sync_proxy_rules_no_local_endpoints_total, internal and external)."""
+    internal = external = 0
+    for port in view.services.values():
+        if not port.has_any_endpoints or port.local_endpoints:
+            continue
+        if port.internal_policy_local:
+            internal += 1
+        if port.external_policy_local and port.is_external_facing:
+            external += 1
+    return internal, external

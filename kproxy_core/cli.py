@@ -99,6 +99,7 @@ def run_proxy(argv: Sequence[str]) -> int:
     from kproxy_core.backend import BackendUnavailable
     from kproxy_core.config import ConfigError, build_parser, load_config, write_config
     from kproxy_core.logs import setup_logging
+    from kproxy_core.servers import ServerError
 
     pm = _plugin_manager()
     try:
@@ -116,6 +117,8 @@ def run_proxy(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         _fail(str(exc))
     setup_logging(int(config.get("v") or 0), str(config.get("logFormat") or "text"))
+    for warning in getattr(config, "warnings", ()):
+        log.warning("configuration: %s", warning)
 
     write_to = config.get("writeConfigTo")
     if write_to:
@@ -149,7 +152,7 @@ def run_proxy(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     try:
         proxy.start()
-    except (BackendUnavailable, OSError) as exc:
+    except (BackendUnavailable, ServerError, OSError) as exc:
         _fail(f"start-up failed: {exc}", 1)
     if config.get("initOnly"):
         proxy.stop()
