@@ -1,0 +1,232 @@
+"""IPVS mode against a real kernel with real traffic between namespaces (run in the VM:
+``plugins/kproxy-ipvs/vm/run-tests.sh``). Each test programs the ``node`` namespace of a
+`ClusterSandbox` from a forked child that joined it, and checks traffic from the client,
+pods and node2."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from ipvs_helpers import context, ep, request, svc, view
+
+from kproxy_core.backend import SyncRequest
+from kproxy_core.model import NodeView
+from kproxy_core.testing.innetns import in_netns
+from kproxy_core.testing.netns import ClusterSandbox, NetNS
+
+pytestmark = pytest.mark.root
+
+CONFIG = {"clusterCIDR": "10.244.0.0/16"}
+LOCAL1, LOCAL2, REMOTE = "10.244.1.2", "10.244.1.3", "10.244.2.2"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ClusterSandbox]:
+    if not os.path.exists("/proc/net/ip_vs") and subprocess.run(
+            ["modprobe", "ip_vs"], check=False).returncode != 0:
+        pytest.fail("this kernel has no IPVS (ip_vs): run these tests with vm/run-tests.sh")
+    with ClusterSandbox(local_pods=2, remote_pods=1) as sandbox:
+        for pod in sandbox.pods:
+            sandbox.start_echo(pod)
+        yield sandbox
+
+
+def echo(ns: NetNS, proto: str, host: str, port: int, count: int = 1,
+         timeout: float = 1.0) -> list[str]:
+    proc = ns.run([sys.executable, "-m",
+                   "kproxy_core.testing.echo", proto, host, str(port), "--count", str(count),
+                   "--timeout", str(timeout)], check=False)
+    return proc.stdout.split("\n")[:-1]
+
+
+def program(cluster: ClusterSandbox, steps: list[NodeView], check: Callable[[Any], Any],
+            config: dict[str, Any] | None = None, full_each: bool = False) -> Any:
+    """In the node namespace: sync each view in turn (partial after the first), then call
+    ``check(proxier)`` there and return its result."""
+
+    def scenario() -> Any:
+        from kproxy_ipvs.proxier import IpvsProxier
+
+        proxier = IpvsProxier(context({**CONFIG, **(config or {})}))
+        results = []
+        previous: NodeView | None = None
+        for node_view in steps:
+            req: SyncRequest = request(node_view, previous, full=full_each)
+            results.append(dict(proxier.sync(req).counters))
+            previous = node_view
+        out = check(proxier)
+        proxier.close()
+        return results, out
+
+    return in_netns(cluster.node.name, scenario)
+
+
+def names(lines: list[str]) -> set[str]:
+    return {line.split()[0] for line in lines if line.startswith("pod-")}
+
+
+def sources(lines: list[str]) -> set[str]:
+    return {line.split()[1] for line in lines if line.startswith("pod-")}
+
+
+def cleanup_node(cluster: ClusterSandbox) -> list[str]:
+    def run() -> list[str]:
+        from ipvs_helpers import FakeConfig
+        from kproxy_ipvs.cleanup import cleanup
+
+        return cleanup(FakeConfig({}), logging.getLogger("t"))
+
+    return in_netns(cluster.node.name, run)
+
+
+@pytest.fixture(autouse=True)
+def _clean(cluster: ClusterSandbox) -> Iterator[None]:
+    yield
+    cleanup_node(cluster)
+
+
+ALL = (ep(LOCAL1), ep(LOCAL2), ep(REMOTE, local=False))
+
+
+def test_clusterip_nodeport_udp_and_masquerade(cluster: ClusterSandbox) -> None:
+    web = svc("web", "10.96.0.10", 80, ALL, node_port=30080)
+    dns = svc("dns", "10.96.0.53", 53, ALL, protocol="UDP")
+
+    def check(_p: Any) -> dict[str, Any]:
+        client = cluster.client
+        pod1 = cluster.pods[0].ns
+        return {
+            "cip": echo(client, "tcp", "10.96.0.10", 80, count=6),
+            "np": echo(client, "tcp", cluster.node_ip, 30080, count=3),
+            "udp": echo(client, "udp", "10.96.0.53", 53, count=3),
+            "from_pod": echo(pod1, "tcp", "10.96.0.10", 80, count=6),
+            "ipvsadm": cluster.node.run(["ipvsadm", "-Ln"]).stdout,
+            "addr": cluster.node.run(["ip", "-o", "addr", "show", "dev", "kube-ipvs0"]).stdout,
+            "sets": cluster.node.run(["ipset", "save"]).stdout,
+        }
+
+    _counters, out = program(cluster, [view(web, dns)], check)
+    assert len(names(out["cip"])) >= 2, out["cip"]
+    # The client is outside the cluster CIDR: masqueraded to the node.
+    assert sources(out["cip"]) <= {"10.99.0.1", "10.244.1.1"}, out["cip"]
+    assert len(names(out["np"])) >= 2 and sources(out["np"]) <= {"10.99.0.1", "10.244.1.1"}
+    assert names(out["udp"]), out["udp"]
+    # Pod traffic keeps its source, except hairpin (KUBE-LOOP-BACK masquerades it).
+    assert "10.244.1.2" in sources(out["from_pod"]) or "10.244.1.1" in sources(out["from_pod"])
+    assert "TCP  10.96.0.10:80 rr" in out["ipvsadm"]
+    assert "-> 10.244.2.2:8080" in out["ipvsadm"] and "Masq" in out["ipvsadm"]
+    assert "10.96.0.10/32" in out["addr"] and "10.96.0.53/32" in out["addr"]
+    assert "add KUBE-CLUSTER-IP 10.96.0.10,tcp:80" in out["sets"]
+    assert "add KUBE-NODE-PORT-TCP 30080" in out["sets"]
+    assert "add KUBE-LOOP-BACK 10.244.1.2,tcp:8080,10.244.1.2" in out["sets"]
+
+
+def test_external_traffic_policy_local_keeps_client_ip(cluster: ClusterSandbox) -> None:
+    web = svc("web", "10.96.0.11", 80, ALL, node_port=30081, local_only_external=True,
+              external_ips=("10.98.0.7",))
+
+    def check(_p: Any) -> dict[str, Any]:
+        return {"np": echo(cluster.client, "tcp", cluster.node_ip, 30081, count=6),
+                "eip": echo(cluster.client, "tcp", "10.98.0.7", 80, count=4)}
+
+    _c, out = program(cluster, [view(web)], check)
+    assert names(out["np"]) <= {"pod-1-2", "pod-1-3"} and names(out["np"]), out["np"]
+    assert sources(out["np"]) == {"10.99.0.100"}, out["np"]
+    assert names(out["eip"]) <= {"pod-1-2", "pod-1-3"} and names(out["eip"]), out["eip"]
+    assert sources(out["eip"]) == {"10.99.0.100"}
+
+
+def test_load_balancer_source_ranges_and_external_ip(cluster: ClusterSandbox) -> None:
+    allowed = svc("lb-ok", "10.96.0.12", 80, ALL, load_balancer_ips=("10.98.0.1",),
+                  load_balancer_source_ranges=("10.99.0.100/32",))
+    denied = svc("lb-no", "10.96.0.13", 80, ALL, load_balancer_ips=("10.98.0.2",),
+                 load_balancer_source_ranges=("192.0.2.0/24",))
+    eip = svc("eip", "10.96.0.14", 80, ALL, external_ips=("10.98.0.3",))
+
+    def check(_p: Any) -> dict[str, Any]:
+        return {"ok": echo(cluster.client, "tcp", "10.98.0.1", 80, count=2),
+                "no": echo(cluster.client, "tcp", "10.98.0.2", 80, count=1),
+                "eip": echo(cluster.client, "tcp", "10.98.0.3", 80, count=2)}
+
+    _c, out = program(cluster, [view(allowed, denied, eip)], check)
+    assert names(out["ok"]), out
+    assert out["no"] == ["timeout"], out
+    assert names(out["eip"]), out
+
+
+def test_session_affinity(cluster: ClusterSandbox) -> None:
+    sticky = svc("sticky", "10.96.0.15", 80, ALL, session_affinity_timeout=600)
+
+    def check(_p: Any) -> dict[str, Any]:
+        return {"lines": echo(cluster.client, "tcp", "10.96.0.15", 80, count=6),
+                "ipvsadm": cluster.node.run(["ipvsadm", "-Ln"]).stdout}
+
+    _c, out = program(cluster, [view(sticky)], check)
+    assert len(names(out["lines"])) == 1, out["lines"]
+    assert "persistent 600" in out["ipvsadm"]
+
+
+def test_no_endpoints_rejects(cluster: ClusterSandbox) -> None:
+    empty = svc("empty", "10.96.0.16", 80, ())
+
+    def check(_p: Any) -> list[str]:
+        return echo(cluster.client, "tcp", "10.96.0.16", 80, timeout=2)
+
+    _c, out = program(cluster, [view(empty)], check)
+    assert out == ["refused"]
+
+
+def test_incremental_change_and_graceful_termination(cluster: ClusterSandbox) -> None:
+    before = svc("web", "10.96.0.17", 80, (ep(LOCAL1), ep(LOCAL2)))
+    other = svc("other", "10.96.0.18", 80, (ep(REMOTE, local=False),))
+
+    def scenario() -> Any:
+        from kproxy_ipvs.proxier import IpvsProxier
+        from kproxy_ipvs.rules import RealServer, VSKey
+
+        proxier = IpvsProxier(context(CONFIG))
+        proxier.sync(request(view(before, other)))
+        # A long-lived connection from the client, pinned to whichever pod it reached.
+        holder = cluster.client.spawn(
+            [sys.executable, "-c",
+             "import socket,time;s=socket.create_connection(('10.96.0.17',80));"
+             "print(s.recv(100).decode().split()[0],flush=True);time.sleep(30)"],
+            stdout=subprocess.PIPE)
+        assert holder.stdout is not None
+        pinned = holder.stdout.readline().decode().strip()
+        first = ep(LOCAL1) if pinned == "pod-1-2" else ep(LOCAL2)
+        keep = ep(LOCAL2) if pinned == "pod-1-2" else ep(LOCAL1)
+        changed = svc("web", "10.96.0.17", 80, (keep,))
+        counters = dict(proxier.sync(request(view(changed, other), view(before, other))).counters)
+        vs = VSKey("TCP", "10.96.0.17", 80)
+        dests = proxier.kernel.list_dests(vs)
+        weight_removed = dests[RealServer(first.ip, 8080)].weight
+        new_conns = names(echo(cluster.client, "tcp", "10.96.0.17", 80, count=4))
+        holder.kill()
+        holder.wait()
+        proxier.close()
+        return counters, weight_removed, new_conns, pinned
+
+    counters, weight, new_conns, pinned = in_netns(cluster.node.name, scenario)
+    assert weight == 0
+    assert pinned not in new_conns and new_conns, new_conns
+    # One changed port: one real server update, no virtual server or set churn.
+    assert counters["kernel_ops"] == 1, counters
+    assert counters.get("real_server_update") == 1
+
+
+def test_cleanup_removes_everything(cluster: ClusterSandbox) -> None:
+    web = svc("web", "10.96.0.19", 80, ALL, node_port=30082)
+    program(cluster, [view(web)], lambda _p: None)
+    removed = cleanup_node(cluster)
+    assert any("virtual servers" in line for line in removed), removed
+    assert cluster.node.run(["ipvsadm", "-Ln"]).stdout.count("->") == 0
+    assert cluster.node.run(["ip", "link", "show", "kube-ipvs0"], check=False).returncode != 0
+    assert "KUBE-" not in cluster.node.run(["ipset", "list", "-n"]).stdout
+    assert "KUBE-SERVICES" not in cluster.node.run(["iptables-save", "-t", "nat"]).stdout
