@@ -150,7 +150,8 @@ class _Watcher:
         if resp is not None and isinstance(resp, urllib3.HTTPResponse):
             try:
                 resp.shutdown()
-            except OSError:
+            except (OSError, RuntimeError, ValueError):
+                # Already finished or released to the pool: nothing is blocked on it.
                 pass
 
     # ---- main loop -------------------------------------------------------------------------
@@ -226,6 +227,7 @@ class _Watcher:
         try:
             body = json.loads(resp.read())
         finally:
+            self._hold(None)
             resp.release_conn()
         if not isinstance(body, dict) or not isinstance(body.get("items"), list):
             raise _WatchFailed(f"{self.kind} list response is not a list object")
