@@ -171,7 +171,7 @@ def test_ipv6_sets_use_the_kube_6_prefix() -> None:
     assert kernel.sets["KUBE-6-CLUSTER-IP"][1] == {"fd00:96::10,tcp:80"}
     assert kernel.sets["KUBE-CLUSTER-IP"][1] == set()
     assert {d.family for d in kernel.restored} == {4, 6}
-    assert "::1/128 -j RETURN" in [d for d in kernel.restored if d.family == 6][0].render()
+    assert "::1/128 -j RETURN" in next(d for d in kernel.restored if d.family == 6).render()
 
 
 def test_timeouts_strict_arp_and_masquerade_all() -> None:
@@ -195,7 +195,7 @@ def test_scheduler_names() -> None:
 
 
 def test_scheduler_missing_in_kernel_is_a_clear_error() -> None:
-    proxier, kernel = make({"ipvs.scheduler": "nq"})
+    proxier, _kernel = make({"ipvs.scheduler": "nq"})
     with pytest.raises(BackendUnavailable, match="'nq' is not available"):
         proxier.sync(request(view(WEB)))
 
@@ -238,7 +238,7 @@ def test_plugin_module_imports_nothing_native() -> None:
 
 
 def test_describe_reads_the_kernel() -> None:
-    proxier, kernel = make()
+    proxier, _kernel = make()
     proxier.sync(request(view(WEB)))
     info = proxier.describe(key("web"))
     assert info["virtual_servers"]["TCP/10.96.0.10:80"]["10.244.2.2:8080"]["weight"] == 1

@@ -1,0 +1,112 @@
+"""IPVS mode at scale, in a fresh network namespace (prints numbers; asserts nothing).
+
+Needs a kernel with IPVS: on hosts without it run it in the VM::
+
+    python -m kproxy_core.testing.vm --modules ip_vs,ip_vs_rr,ip_set -- \
+        python benchmarks/ipvs_bench.py [--sizes 1000,10000]
+
+Measures, per size N (N ClusterIP services x 5 endpoints, from empty): the full sync (time,
+kernel writes); at the largest N a one-endpoint change (partial sync: time, objects touched);
+and the floor: the same virtual/real servers loaded by ``ipvsadm --restore`` in an empty
+namespace (IPVS objects only, no addresses, sets or iptables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "plugins", "kproxy-ipvs",
+                                "tests"))
+
+from ipvs_helpers import context, ep, request, svc, view
+
+from kproxy_core.model import NodeView, ResolvedServicePort
+from kproxy_core.testing.innetns import in_netns
+from kproxy_core.testing.netns import Sandbox
+
+ENDPOINTS = 5
+
+
+def ports(n: int, bump: int | None = None) -> list[ResolvedServicePort]:
+    out = []
+    for i in range(n):
+        cip = f"10.96.{i // 250}.{i % 250 + 1}"
+        eps = [ep(f"10.244.{(i * ENDPOINTS + j) // 250 % 250}.{(i * ENDPOINTS + j) % 250 + 1}",
+                  local=False) for j in range(ENDPOINTS)]
+        if bump == i:
+            eps[-1] = ep("10.245.0.1", local=False)
+        out.append(svc(f"s{i}", cip, 80, eps))
+    return out
+
+
+def bench_proxier(n: int, change: bool) -> dict[str, Any]:
+    from kproxy_ipvs.proxier import IpvsProxier
+
+    logging.disable(logging.CRITICAL)
+    proxier = IpvsProxier(context({"clusterCIDR": "10.244.0.0/16"}))
+    first: NodeView = view(*ports(n), node_ips=())
+    start = time.perf_counter()
+    result = proxier.sync(request(first))
+    out: dict[str, Any] = {"full_s": time.perf_counter() - start,
+                           "full_ops": result.objects_written,
+                           "full_ext_s": result.external_seconds}
+    if change:
+        second = view(*ports(n, bump=n // 2), node_ips=())
+        start = time.perf_counter()
+        result = proxier.sync(request(second, first))
+        out.update(partial_s=time.perf_counter() - start, partial_ops=result.objects_written,
+                   partial_counters=dict(result.counters))
+    proxier.close()
+    return out
+
+
+def restore_text(n: int) -> str:
+    lines = []
+    for port in ports(n):
+        lines.append(f"-A -t {port.cluster_ip}:80 -s rr")
+        for e in port.cluster_endpoints:
+            lines.append(f"-a -t {port.cluster_ip}:80 -r {e.ip}:{e.port} -m -w 1")
+    return "\n".join(lines) + "\n"
+
+
+def bench_floor(n: int) -> float:
+    text = restore_text(n)
+    start = time.perf_counter()
+    subprocess.run(["ipvsadm", "--restore"], input=text, text=True, check=True)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="1000,10000")
+    sizes = [int(s) for s in parser.parse_args().sizes.split(",")]
+    if not os.path.exists("/proc/net/ip_vs"):
+        print("no IPVS in this kernel (modprobe ip_vs, or run in the VM: see the docstring)",
+              file=sys.stderr)
+        return 2
+    print(f"IPVS mode, N ClusterIP services x {ENDPOINTS} endpoints, one fresh netns each")
+    for n in sizes:
+        with Sandbox() as sandbox:
+            ns = sandbox.netns("bench")
+            res = in_netns(ns.name, lambda n=n: bench_proxier(n, n == max(sizes)), timeout=1800)
+        with Sandbox() as sandbox:
+            ns = sandbox.netns("floor")
+            floor = in_netns(ns.name, lambda n=n: bench_floor(n), timeout=1800)
+        objects = n * (1 + ENDPOINTS)
+        print(f"N={n:>6}: full sync {res['full_s']:.2f}s ({res['full_ops']} kernel writes, "
+              f"{res['full_ext_s']:.2f}s in iptables-restore); ipvsadm --restore floor for the "
+              f"{objects} IPVS objects: {floor:.2f}s")
+        if "partial_s" in res:
+            print(f"N={n:>6}: one endpoint changed: partial sync {res['partial_s'] * 1000:.1f}ms, "
+                  f"{res['partial_ops']} kernel writes {res['partial_counters']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
