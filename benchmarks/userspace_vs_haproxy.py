@@ -1,0 +1,184 @@
+"""kproxy-userspace against HAProxy (mode tcp) and against no proxy at all. Prints numbers.
+
+Everything runs in a `ClusterSandbox` (root): the client namespace talks over veth/bridge to
+the node namespace, which proxies to one pod. Measured per target:
+
+* bulk TCP throughput: ``iperf3 -t SECONDS`` through the proxy;
+* short connections: an asyncio client opens a connection, reads a one-line answer, closes,
+  with CONCURRENCY in flight; connections/s and connect+answer latency p50/p99.
+
+Run: ``python benchmarks/userspace_vs_haproxy.py [--seconds 3] [--concurrency 32]``.
+All processes share the machine's cores, so the short-connection figures include the Python
+load generator and Python answer server on the same CPUs: compare ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kproxy_core.testing.netns import ClusterSandbox, NetNS, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+DRIVER = ROOT / "plugins" / "kproxy-userspace" / "tests" / "driver.py"
+
+SERVER = r"""
+import asyncio, sys
+async def handle(reader, writer):
+    writer.write(b"ok\n")
+    await writer.drain()
+    writer.close()
+async def main():
+    server = await asyncio.start_server(handle, "0.0.0.0", int(sys.argv[1]), backlog=4096)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+"""
+
+LOADGEN = r"""
+import asyncio, json, sys, time
+host, port, seconds, concurrency = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+latencies = []
+errors = 0
+async def worker(deadline):
+    global errors
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+            await asyncio.wait_for(reader.read(100), 5)
+            writer.close()
+            latencies.append(time.perf_counter() - started)
+        except (OSError, asyncio.TimeoutError):
+            errors += 1
+async def main():
+    deadline = time.monotonic() + seconds
+    started = time.monotonic()
+    await asyncio.gather(*(worker(deadline) for _ in range(concurrency)))
+    elapsed = time.monotonic() - started
+    latencies.sort()
+    n = len(latencies)
+    print(json.dumps({"cps": n / elapsed, "p50_ms": latencies[n // 2] * 1e3 if n else None,
+                      "p99_ms": latencies[int(n * 0.99)] * 1e3 if n else None,
+                      "errors": errors}))
+asyncio.run(main())
+"""
+
+HAPROXY_CFG = """
+global
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+frontend bulk
+    bind {node}:15201
+    default_backend bulk_b
+backend bulk_b
+    server pod {pod}:5201
+frontend short
+    bind {node}:18081
+    default_backend short_b
+backend short_b
+    server pod {pod}:8081
+"""
+
+
+def iperf(client: NetNS, host: str, port: int, seconds: float) -> float:
+    out = client.run(["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"],
+                     timeout=seconds + 30).stdout
+    report: dict[str, Any] = json.loads(out)
+    return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def short(client: NetNS, host: str, port: int, seconds: float,
+          concurrency: int) -> dict[str, Any]:
+    out = client.run([sys.executable, "-c", LOADGEN, host, str(port), str(seconds),
+                      str(concurrency)], timeout=seconds + 60).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def start_userspace(sb: ClusterSandbox, pod_ip: str, relay: str) -> subprocess.Popen[bytes]:
+    proc = sb.node.spawn([sys.executable, str(DRIVER), json.dumps({"userspace.relay": relay})],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL)
+    assert proc.stdin is not None and proc.stdout is not None
+    assert json.loads(proc.stdout.readline())["ok"]
+    services = [
+        dict(name="bulk", protocol="TCP", cluster_ip="10.96.0.50", port=5201,
+             endpoints=[[pod_ip, 5201]]),
+        dict(name="short", protocol="TCP", cluster_ip="10.96.0.51", port=8081,
+             endpoints=[[pod_ip, 8081]]),
+    ]
+    proc.stdin.write(json.dumps({"op": "sync", "services": services, "full": True}).encode()
+                     + b"\n")
+    proc.stdin.flush()
+    reply = json.loads(proc.stdout.readline())
+    if not reply["ok"]:
+        raise RuntimeError(reply)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    with ClusterSandbox(local_pods=1, remote_pods=0) as sb:
+        pod = sb.pods[0]
+        pod.ns.spawn(["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL)
+        pod.ns.spawn([sys.executable, "-c", SERVER, "8081"])
+        wait_for_port(pod.ns, pod.ip, 5201)
+        wait_for_port(pod.ns, pod.ip, 8081)
+        # "No proxy": the client reaches the pod directly, routed through the node.
+        sb.client.run(["ip", "route", "add", "10.244.0.0/16", "via", sb.node_ip])
+
+        results: dict[str, dict[str, Any]] = {}
+
+        def measure(label: str, bulk: tuple[str, int], fast: tuple[str, int]) -> None:
+            time.sleep(0.3)
+            gbps = iperf(sb.client, *bulk, args.seconds)
+            stats = short(sb.client, *fast, args.seconds, args.concurrency)
+            results[label] = {"gbps": gbps, **stats}
+            print(f"{label:22s} {gbps:7.2f} Gbit/s  {stats['cps']:8.0f} conn/s  "
+                  f"p50 {stats['p50_ms']:.2f} ms  p99 {stats['p99_ms']:.2f} ms  "
+                  f"errors {stats['errors']}", flush=True)
+
+        measure("no proxy", (pod.ip, 5201), (pod.ip, 8081))
+        with tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False) as cfg:
+            cfg.write(HAPROXY_CFG.format(node=sb.node_ip, pod=pod.ip))
+        haproxy = sb.node.spawn(["haproxy", "-f", cfg.name, "-db"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        wait_for_port(sb.node, sb.node_ip, 18081)
+        measure("haproxy", (sb.node_ip, 15201), (sb.node_ip, 18081))
+        stop(haproxy)
+        Path(cfg.name).unlink()
+        for relay in ("splice", "copy"):
+            proxy = start_userspace(sb, pod.ip, relay)
+            measure(f"kproxy-userspace {relay}", ("10.96.0.50", 5201), ("10.96.0.51", 8081))
+            stop(proxy)
+
+        base, hap = results["no proxy"], results["haproxy"]
+        print()
+        for relay in ("splice", "copy"):
+            ours = results[f"kproxy-userspace {relay}"]
+            print(f"{relay}: throughput {ours['gbps'] / hap['gbps']:.2f}x haproxy, "
+                  f"{ours['gbps'] / base['gbps']:.2f}x no proxy; "
+                  f"conn/s {ours['cps'] / hap['cps']:.2f}x haproxy")
+
+
+if __name__ == "__main__":
+    main()
