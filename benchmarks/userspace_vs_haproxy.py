@@ -43,7 +43,8 @@ asyncio.run(main())
 
 LOADGEN = r"""
 import asyncio, json, sys, time
-host, port, seconds, concurrency = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+host, port = sys.argv[1], int(sys.argv[2])
+seconds, concurrency = float(sys.argv[3]), int(sys.argv[4])
 latencies = []
 errors = 0
 async def worker(deadline):
