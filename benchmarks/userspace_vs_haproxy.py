@@ -138,7 +138,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
-    with ClusterSandbox(local_pods=1, remote_pods=0) as sb:
+    sb = ClusterSandbox(local_pods=1, remote_pods=0)
+    with sb:
         pod = sb.pods[0]
         pod.ns.spawn(["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL)
         pod.ns.spawn([sys.executable, "-c", SERVER, "8081"])
