@@ -18,7 +18,7 @@ from ipvs_helpers import context, ep, request, svc, view
 from kproxy_core.backend import SyncRequest
 from kproxy_core.model import NodeView
 from kproxy_core.testing.innetns import in_netns
-from kproxy_core.testing.netns import ClusterSandbox, NetNS
+from kproxy_core.testing.netns import ClusterSandbox, NetNS, wait_for_port
 
 pytestmark = pytest.mark.root
 
@@ -33,7 +33,11 @@ def cluster() -> Iterator[ClusterSandbox]:
         pytest.fail("this kernel has no IPVS (ip_vs): run these tests with vm/run-tests.sh")
     with ClusterSandbox(local_pods=2, remote_pods=1) as sandbox:
         for pod in sandbox.pods:
-            sandbox.start_echo(pod)
+            # Under TCG emulation a Python start takes seconds: wait longer than start_echo.
+            pod.ns.python("kproxy_core.testing.echo", "serve", "--name", pod.name,
+                          "--tcp", "8080", "--udp", "8080", stdout=subprocess.DEVNULL)
+        for pod in sandbox.pods:
+            wait_for_port(pod.ns, pod.ip, 8080, timeout=120)
         yield sandbox
 
 
