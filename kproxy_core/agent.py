@@ -28,11 +28,10 @@ from kproxy_core.backend import (
     BackendContext,
     BackendUnavailable,
     ConfigView,
-    ResolvedServicePort,
     Source,
     SyncRequest,
 )
-from kproxy_core.model import NodeView, ServicePortKey
+from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey
 from kproxy_core.plugins import KproxyPluginManager
 from kproxy_core.state import ProxyState
 from kproxy_core.sync import Backoff, BoundedFrequencyRunner, SyncReport, Trigger
@@ -105,7 +104,7 @@ class Proxy:
         self.metrics = self._make_metrics()
         self.health = self._make_health()
 
-    # -- construction ----------------------------------------------------------------------------
+    # -- construction --------------------------------------------------------------------------
 
     def _backend_context(self) -> BackendContext:
         return BackendContext(
@@ -140,7 +139,7 @@ class Proxy:
 
         return HealthState(self.sync_period)
 
-    # -- lifecycle ---------------------------------------------------------------------------------
+    # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Clean other modes' leftovers, start servers, the source and the sync thread."""
@@ -194,7 +193,7 @@ class Proxy:
             self._servers.stop()
         self.backend.close()
 
-    # -- state access --------------------------------------------------------------------------------
+    # -- state access --------------------------------------------------------------------------
 
     def view(self) -> NodeView:
         """The current resolved node-local state (what the next sync programs)."""
@@ -231,7 +230,7 @@ class Proxy:
             assert self._last_report is not None
             return self._last_report
 
-    # -- the sync loop ---------------------------------------------------------------------------------
+    # -- the sync loop -------------------------------------------------------------------------
 
     def _on_state_change(self) -> None:
         self.health.queued_update(time.time())
@@ -325,7 +324,8 @@ class Proxy:
         self._pending_previous.clear()
         self._pending_triggers.clear()
         level = logging.INFO if report.full else logging.DEBUG
-        log.log(level, "synced %s: %d service ports, %d changed, %.3fs (external %.3fs), %d objects written",
+        log.log(level, "synced %s: %d service ports, %d changed, %.3fs (external %.3fs), "
+                "%d objects written",
                 "full" if report.full else "partial", report.services, report.changed,
                 report.duration, report.result.external_seconds if report.result else 0.0,
                 report.result.objects_written if report.result else 0)

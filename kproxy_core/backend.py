@@ -114,14 +114,17 @@ class Backend(abc.ABC):
     needs_conntrack_cleanup: ClassVar[bool] = True
     #: Config paths of (sync period, min sync period) that drive this mode's sync loop, as
     #: upstream where each mode has its own section (``ipvs.syncPeriod``...).
-    sync_period_options: ClassVar[tuple[str, str]] = ("iptables.syncPeriod", "iptables.minSyncPeriod")
+    sync_period_options: ClassVar[tuple[str, str]] = (
+        "iptables.syncPeriod",
+        "iptables.minSyncPeriod",
+    )
 
     def __init__(self, context: BackendContext) -> None:
         self.context = context
 
     @classmethod
-    def check_supported(cls, context: BackendContext) -> None:  # noqa: B027 - optional hook
-        """Raise `BackendUnavailable` if this host cannot run the mode. Called before ``__init__``."""
+    def check_supported(cls, context: BackendContext) -> None:
+        """Raise `BackendUnavailable` if this host cannot run the mode (before ``__init__``)."""
 
     @abc.abstractmethod
     def sync(self, request: SyncRequest) -> SyncResult:

@@ -33,7 +33,7 @@ def _manifest_source() -> type[Source]:
 def kproxy_register_sources(register: Registry[SourceSpec]) -> None:
     register.add(SourceSpec("kube", _kube_source, "list+watch the Kubernetes API"))
     register.add(
-        SourceSpec("manifests", _manifest_source, "YAML files in --manifests DIR, re-read on change")
+        SourceSpec("manifests", _manifest_source, "YAML files (--manifests DIR), re-read on change")
     )
 
 

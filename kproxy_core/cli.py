@@ -108,6 +108,11 @@ def run_proxy(argv: Sequence[str]) -> int:
     except (DuplicateRegistration, ValueError) as exc:
         _fail(str(exc), 1)
     parser = build_parser(options, modes)
+
+    def one_line_error(message: str) -> NoReturn:
+        _fail(f"{message} (see kproxy --help)")
+
+    parser.error = one_line_error  # type: ignore[method-assign]
     args = parser.parse_args(list(argv))
     if getattr(args, "version", False):
         print(f"kproxy {__version__}")

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+
 #: Python level for klog V(n): INFO for n <= 1, then one step down per level.
 def level_for_verbosity(verbosity: int) -> int:
     return logging.INFO - max(0, verbosity - 1)
@@ -26,7 +27,8 @@ class KeyValueFormatter(logging.Formatter):
     """``time=... level=... logger=... msg="..."``: greppable and structured."""
 
     def format(self, record: logging.LogRecord) -> str:
-        level = record.levelname if record.levelno >= logging.INFO else f"V{logging.INFO - record.levelno + 1}"
+        level = (record.levelname if record.levelno >= logging.INFO
+                 else f"V{logging.INFO - record.levelno + 1}")
         parts = [
             f"time={time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(record.created))}"
             f".{int(record.msecs):03d}Z",

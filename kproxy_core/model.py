@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
 import attrs
@@ -42,7 +42,7 @@ def ip_family(address: str) -> IPFamily:
 # --------------------------------------------------------------------------------------------
 
 
-class ObjectKind(str, Enum):
+class ObjectKind(StrEnum):
     SERVICE = "Service"
     ENDPOINT_SLICE = "EndpointSlice"
     NODE = "Node"
@@ -150,7 +150,7 @@ class Node:
 
 @attrs.frozen(order=True)
 class ServicePortName:
-    """Identifies a service port, printed like upstream: ``ns/name:port`` (``ns/name`` if unnamed)."""
+    """A service port, printed like upstream: ``ns/name:port`` (``ns/name`` if unnamed)."""
 
     namespace: str
     name: str

@@ -38,11 +38,16 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
 
 def parse_duration(value: object) -> float:
-    """Parse a Go duration string to seconds. Plain numbers are not accepted (Go rejects them
-    too, except "0"), because a bare "30" is ambiguous between seconds and nanoseconds."""
+    """Parse a Go duration string to seconds. Strings of plain digits are not accepted (Go
+    rejects them too, except "0"), because a bare "30" is ambiguous between seconds and
+    nanoseconds; Python numbers are taken as seconds."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise OptionError(f"expected a duration like '30s' or '1m0s', got {value!r}")
-    text = str(value).strip()
+    if not isinstance(value, str):
+        # A number can only come from Python (embedding) or a typed YAML value in code, never
+        # from a flag: it is seconds, unambiguous there.
+        return float(value)
+    text = value.strip()
     if text in ("0", "0.0"):
         return 0.0
     sign = 1.0

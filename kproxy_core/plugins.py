@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import pluggy
 
@@ -179,13 +179,16 @@ class KproxyPluginManager(pluggy.PluginManager):
         removed: list[str] = []
         for impl in reversed(self.hook.kproxy_cleanup.get_hookimpls()):
             try:
-                lines = impl.function(config=config, keep_mode=keep_mode, logger=logger)
+                lines = cast(
+                    "list[str] | None",
+                    impl.function(config=config, keep_mode=keep_mode, logger=logger),
+                )
             except Exception as exc:
                 dist = self.distribution_of(impl.plugin)
                 logger.error("cleanup by %s failed: %s", dist, exc)
                 removed.append(f"error: cleanup by {dist} failed: {exc}")
                 continue
-            removed.extend(lines or [])
+            removed.extend(str(line) for line in (lines or ()))
         return removed
 
 

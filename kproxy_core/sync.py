@@ -171,7 +171,7 @@ class Backoff:
         self.failures = 0
 
     def next_delay(self) -> float:
-        delay = min(self.cap, self.initial * (2**self.failures))
+        delay = float(min(self.cap, self.initial * 2.0**self.failures))
         self.failures += 1
         return delay
 

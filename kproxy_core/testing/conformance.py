@@ -197,10 +197,11 @@ class BackendConformance:
                                              previous=before))
                     got = dict(self.dataplane(backend))
                     want = expected_dataplane(view)
+                    wrong = {f: want[f] for f in want if got.get(f) != want[f]}
+                    unexpected = {f: got[f] for f in got if f not in want}
                     assert got == want, (
                         f"step {index} ({'full' if full else 'partial'}): dataplane differs\n"
-                        f"  missing or wrong: { {f: want[f] for f in want if got.get(f) != want[f]} }\n"
-                        f"  unexpected: { {f: got[f] for f in got if f not in want} }"
+                        f"  missing or wrong: {wrong}\n  unexpected: {unexpected}"
                     )
                     previous = view
             finally:

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConnectionRefusedError:
             print("refused", flush=True)
             status = 1
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             print("timeout", flush=True)
             status = 1
         except OSError as exc:

@@ -51,9 +51,8 @@ def run(argv: Sequence[str], *, check: bool = True, input: str | None = None,
     proc = subprocess.run(list(argv), input=input, capture_output=True, text=True,
                           timeout=timeout, check=False)
     if check and proc.returncode != 0:
-        raise CommandFailed(
-            f"{shlex.join(argv)} exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}"
-        )
+        output = proc.stderr.strip() or proc.stdout.strip()
+        raise CommandFailed(f"{shlex.join(argv)} exited {proc.returncode}: {output}")
     return proc
 
 

@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from kproxy_core import hookimpl, hookspecs
-from kproxy_core.backend import AlgorithmSpec, Backend, ModeSpec, SourceSpec, SyncRequest, SyncResult
+from kproxy_core.backend import (
+    AlgorithmSpec,
+    Backend,
+    ModeSpec,
+    SourceSpec,
+    SyncRequest,
+    SyncResult,
+)
 from kproxy_core.options import STRING, Option, OptionRegistry
 from kproxy_core.plugins import DuplicateRegistration, KproxyPluginManager, Registry
 from kproxy_core.sync import SyncReport, Trigger
@@ -117,7 +124,7 @@ def test_hook_kproxy_register_modes_rejects_duplicates_naming_both() -> None:
         def kproxy_register_modes(self, register: Registry[ModeSpec]) -> None:
             register.add(ModeSpec("null", lambda: _NullBackend, distribution="dist-two"))
 
-    with pytest.raises(DuplicateRegistration, match="dist-one.*dist-two|dist-two.*dist-one"):
+    with pytest.raises(DuplicateRegistration, match=r"dist-one.*dist-two|dist-two.*dist-one"):
         _manager(One(), Two()).modes()
 
 

@@ -30,14 +30,14 @@ def _due(runner: BoundedFrequencyRunner) -> Trigger | None:
 
 
 def test_a_change_after_a_quiet_period_runs_at_once() -> None:
-    clock, runs = FakeClock(), []
+    clock, runs = FakeClock(), list[Trigger]()
     runner = _runner(clock, runs)
     runner.request()
     assert _due(runner) is Trigger.CHANGE
 
 
 def test_bursts_are_bounded_and_later_requests_coalesce() -> None:
-    clock, runs = FakeClock(), []
+    clock, runs = FakeClock(), list[Trigger]()
     runner = _runner(clock, runs, burst=2)
     runner.request()
     assert _due(runner) is Trigger.CHANGE
@@ -52,7 +52,7 @@ def test_bursts_are_bounded_and_later_requests_coalesce() -> None:
 
 
 def test_periodic_run_without_changes() -> None:
-    clock, runs = FakeClock(), []
+    clock, runs = FakeClock(), list[Trigger]()
     runner = _runner(clock, runs, max_interval=30.0)
     assert _due(runner) is None
     clock.now += 30.0
@@ -60,7 +60,7 @@ def test_periodic_run_without_changes() -> None:
 
 
 def test_retry_after_waits_and_respects_min_interval() -> None:
-    clock, runs = FakeClock(), []
+    clock, runs = FakeClock(), list[Trigger]()
     runner = _runner(clock, runs, burst=1)
     runner.request()
     assert _due(runner) is Trigger.CHANGE
@@ -72,7 +72,7 @@ def test_retry_after_waits_and_respects_min_interval() -> None:
 
 
 def test_requested_run_wins_over_change() -> None:
-    clock, runs = FakeClock(), []
+    clock, runs = FakeClock(), list[Trigger]()
     runner = _runner(clock, runs)
     runner.request(Trigger.CHANGE)
     runner.request(Trigger.REQUESTED)
