@@ -125,6 +125,7 @@ class Backend(abc.ABC):
     @classmethod
     def check_supported(cls, context: BackendContext) -> None:
         """Raise `BackendUnavailable` if this host cannot run the mode (before ``__init__``)."""
+        return None
 
     @abc.abstractmethod
     def sync(self, request: SyncRequest) -> SyncResult:
