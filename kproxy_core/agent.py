@@ -83,6 +83,7 @@ class Proxy:
         self._serve_http = serve_http
         self._cleanup_other_modes = cleanup_other_modes and backend is None
         self.state = ProxyState(self.node_name, on_change=self._on_state_change, logger=log)
+        self.metrics = self._make_metrics()
         self.backend = backend if backend is not None else self._make_backend()
         sync_path, min_sync_path = type(self.backend).sync_period_options
         self.sync_period = float(config.get(sync_path))
@@ -101,7 +102,6 @@ class Proxy:
         self._thread: threading.Thread | None = None
         self._servers: Any = None
         self._service_health: Any = None
-        self.metrics = self._make_metrics()
         self.health = self._make_health()
 
     # -- construction --------------------------------------------------------------------------
@@ -112,6 +112,7 @@ class Proxy:
             node_name=self.node_name,
             logger=logging.getLogger(f"kproxy.{self.mode}"),
             plugins=self.plugins,
+            metrics=self.metrics,
         )
 
     def _make_backend(self) -> Backend:

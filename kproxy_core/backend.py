@@ -33,6 +33,7 @@ import attrs
 from kproxy_core.model import Endpoint, NodeView, ResolvedServicePort, ServicePortKey
 
 if TYPE_CHECKING:
+    from kproxy_core.metrics import Metrics
     from kproxy_core.plugins import KproxyPluginManager
 
 
@@ -51,7 +52,8 @@ class ConfigView(Protocol):
     """Read access to the effective configuration (flags merged over the config file)."""
 
     def get(self, path: str) -> Any:
-        """The parsed value of an option by its config path, e.g. ``"ipvs.scheduler"``."""
+        """The parsed value of an option by its config path, e.g. ``"ipvs.scheduler"``.
+        Raises KeyError for a path no installed plugin declares."""
         ...
 
 
@@ -96,6 +98,10 @@ class BackendContext:
     plugins: KproxyPluginManager
     #: IP families this node proxies (from the node's addresses / cluster CIDRs).
     families: tuple[int, ...] = (4, 6)
+    #: The process's metrics (`kproxy_core.metrics.Metrics`): upstream's mode-specific
+    #: metrics live there, and ``metrics.registry`` is a prometheus-client registry a mode can
+    #: register its own collectors in (served on /metrics). None when not serving metrics.
+    metrics: Metrics | None = None
 
 
 class Backend(abc.ABC):

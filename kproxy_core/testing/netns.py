@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import Self
 
 import attrs
 
@@ -141,7 +142,7 @@ class Sandbox:
             run(["ip", "netns", "del", ns.name], check=False)
         self.namespaces.clear()
 
-    def __enter__(self) -> Sandbox:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
