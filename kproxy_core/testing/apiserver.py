@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
 import json
 import logging
+import os
 import queue
 import re
 import socket
@@ -295,6 +298,7 @@ class ApiServer:
         self._watches: set[_Watch] = set()
         self._faults = Faults()
         self._http: ThreadingHTTPServer | None = None
+        self._netns_fd: int | None = None
         self._thread: threading.Thread | None = None
         #: Every request as (method, path, query); for tests that check what a client asked.
         self.requests: list[tuple[str, str, dict[str, str]]] = []
@@ -320,6 +324,19 @@ class ApiServer:
     def _listen(self) -> None:
         if self._http is not None:
             return
+        if self._netns_fd is None:
+            # Remember the network namespace of the first bind, so that listening again after
+            # set_fault(refuse=False) happens there even when called from another thread.
+            try:
+                self._netns_fd = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass
+        elif os.fstat(self._netns_fd).st_ino != os.stat(_THREAD_NETNS).st_ino:
+            _in_netns_thread(self._netns_fd, self._bind)
+            return
+        self._bind()
+
+    def _bind(self) -> None:
         server = _HTTPServer((self.host, self.port), _Handler)
         server.api = self
         self.port = server.server_address[1]
@@ -344,6 +361,9 @@ class ApiServer:
     def stop(self) -> None:
         self._close_listener()
         self.drop_watches()
+        if self._netns_fd is not None:
+            os.close(self._netns_fd)
+            self._netns_fd = None
 
     def __enter__(self) -> ApiServer:
         self.start()
@@ -585,6 +605,32 @@ class ApiServer:
 
 class _Expired(Exception):
     pass
+
+
+_THREAD_NETNS = "/proc/thread-self/ns/net"
+_CLONE_NEWNET = 0x40000000
+
+
+def _in_netns_thread(netns_fd: int, func: Callable[[], None]) -> None:
+    """Run ``func`` in a helper thread that first joins the network namespace ``netns_fd``
+    (setns(2) moves only the calling thread, so the caller stays where it is)."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            if libc.setns(netns_fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns: {os.strerror(err)}")
+            func()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="apiserver-bind")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
 
 
 def render_event(event: WatchEvent, selector: Selector) -> JSONObj | None:

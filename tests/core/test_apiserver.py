@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -368,3 +369,32 @@ def test_load_manifests_and_standalone_command(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.root
+def test_listening_again_stays_in_the_original_network_namespace() -> None:
+    from kproxy_core.testing import apiserver as apiserver_module
+    from kproxy_core.testing.netns import Sandbox
+
+    with Sandbox() as sb:
+        ns = sb.netns("api")
+        api = ApiServer()
+
+        def start_inside() -> None:
+            api.start()
+
+        fd = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
+        try:
+            apiserver_module._in_netns_thread(fd, start_inside)
+        finally:
+            os.close(fd)
+        try:
+            probe = (f"import urllib.request; print(urllib.request.urlopen("
+                     f"'{api.url}/api/v1/nodes', timeout=5).status)")
+            assert ns.run([sys.executable, "-c", probe]).stdout.strip() == "200"
+            # Called from this thread, which is in the host namespace.
+            api.set_fault(refuse=True)
+            api.set_fault(refuse=False)
+            assert ns.run([sys.executable, "-c", probe]).stdout.strip() == "200"
+        finally:
+            api.stop()
