@@ -300,8 +300,8 @@ class ApiServer:
         self._http: ThreadingHTTPServer | None = None
         self._netns_fd: int | None = None
         self._thread: threading.Thread | None = None
-        #: Every request as (method, path, query); for tests that check what a client asked.
-        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        #: Recent requests as (method, path, query); for tests that check what a client asked.
+        self.requests: deque[tuple[str, str, dict[str, str]]] = deque(maxlen=10000)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
