@@ -7,7 +7,7 @@ import pickle
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -262,34 +262,53 @@ def test_restore_honours_the_xtables_lock(
     lock_path = tempfile.mktemp(prefix="kproxy-xtables-", suffix=".lock")
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import fcntl, os, sys, time\n"
+         "import fcntl, os, sys\n"
          f"fd = os.open({lock_path!r}, os.O_RDWR | os.O_CREAT)\n"
          "fcntl.flock(fd, fcntl.LOCK_EX)\n"
          "print('locked', flush=True)\n"
-         "time.sleep(1.0)\n"],
-        stdout=subprocess.PIPE, text=True)
+         "sys.stdin.readline()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    outcome: list[object] = []
+
+    def restore() -> list[str]:
+        os.environ["XTABLES_LOCKFILE"] = lock_path
+        writer = make_writer(kind, 4, backend)
+        writer.restore(service_rules(["10.244.1.2:80"]))
+        return nat_rules(writer.save("nat"))
+
+    def background() -> None:
+        try:
+            outcome.append(in_netns(ns.name, restore))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    def kernel_rules() -> list[str]:
+        return nat_rules(ns.run([f"iptables-{backend}-save", "-t", "nat"]).stdout)
+
+    worker = threading.Thread(target=background)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-
-        def scenario() -> tuple[float, list[str]]:
-            os.environ["XTABLES_LOCKFILE"] = lock_path
-            writer = make_writer(kind, 4, backend)
-            start = time.monotonic()
-            writer.restore(service_rules(["10.244.1.2:80"]))
-            return time.monotonic() - start, nat_rules(writer.save("nat"))
-
-        waited, rules = run_in(ns, scenario)
-        still_holding = holder.poll() is None
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "locked"
+        worker.start()
+        if backend == "legacy":
+            worker.join(timeout=1.5)
+            assert worker.is_alive(), f"restore finished while the lock was held: {outcome}"
+            assert kernel_rules() == []
+        else:
+            # nf_tables has no userspace lock (the kernel serialises transactions).
+            worker.join(timeout=30)
+            assert not worker.is_alive() and holder.poll() is None
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        worker.join(timeout=30)
     finally:
+        if holder.poll() is None and holder.stdin is not None:
+            holder.stdin.close()
         holder.wait(timeout=10)
         os.unlink(lock_path)
-    assert "-A KUBE-SEP-0 -p tcp -m tcp -j DNAT --to-destination 10.244.1.2:80" in rules
-    if backend == "legacy":
-        # It waited for the holder (which held the lock ~1 s) instead of failing.
-        assert waited >= 0.5, f"restore did not wait for the lock ({waited:.2f}s)"
-    else:
-        # nf_tables has no userspace lock: the kernel serialises transactions.
-        assert still_holding and waited < 0.5
+    assert len(outcome) == 1 and isinstance(outcome[0], list), outcome
+    assert "-A KUBE-SEP-0 -p tcp -m tcp -j DNAT --to-destination 10.244.1.2:80" in outcome[0]
+    assert kernel_rules() == outcome[0]
 
 
 @pytest.mark.root
