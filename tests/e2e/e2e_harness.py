@@ -16,14 +16,18 @@ import itertools
 import os
 import signal
 import subprocess
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from e2e_netns import NetnsThread
 
-from kproxy_core.demo import Ep, http_get, kproxy_command, node_obj, requests
+from kproxy_core.demo import Ep, kproxy_command, node_obj
+from kproxy_core.testing import echo
 from kproxy_core.testing.netns import CLUSTER_CIDR, ClusterSandbox, NetNS, Pod
 
 T = TypeVar("T")
@@ -117,6 +121,8 @@ class Cluster:
         self.sb = ClusterSandbox(local_pods=2, remote_pods=1)
         self.kproxy: Kproxy | None = None
         self._restarts = 0
+        self._threads: dict[str, NetnsThread] = {}
+        self._threads_lock = threading.Lock()
         try:
             for pod in self.sb.pods:
                 self.sb.start_echo(pod, tcp_port=8080, udp_port=8080)
@@ -179,7 +185,17 @@ class Cluster:
         return kp
 
     def http(self, url: str) -> tuple[int, str]:
-        return http_get(self.sb.node, url)
+        """GET ``url`` inside the node namespace: (status, body); status 0 if nothing answers."""
+        def get() -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    return resp.status, resp.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+            except OSError as exc:
+                return 0, str(exc)
+
+        return self.in_node.call(get)
 
     def metrics(self) -> str:
         status, body = self.http(f"http://{METRICS}/metrics")
@@ -190,8 +206,27 @@ class Cluster:
 
     def send(self, src: NetNS | Pod, host: str, port: int, count: int = 1, *,
              proto: str = "tcp", timeout: float = 1.0) -> list[str]:
+        """``count`` echo requests from ``src``, each a reply line ``"<pod> <client ip>"`` or
+        ``refused`` / ``timeout`` / ``error ...`` (like ``python -m kproxy_core.testing.echo``).
+        Sent from a thread inside ``src``'s namespace: no process per request."""
         ns = src.ns if isinstance(src, Pod) else src
-        return requests(ns, host, port, count, proto=proto, timeout=timeout)
+        with self._threads_lock:
+            thread = self._threads.get(ns.name)
+            if thread is None:
+                thread = self._threads[ns.name] = NetnsThread(ns.name)
+        request = echo.tcp_request if proto == "tcp" else echo.udp_request
+
+        def one() -> str:
+            try:
+                return request(host, port, timeout)
+            except ConnectionRefusedError:
+                return "refused"
+            except TimeoutError:
+                return "timeout"
+            except OSError as exc:
+                return f"error {exc}"
+
+        return [thread.call(one) for _ in range(count)]
 
     def wait_answered_by(self, src: NetNS | Pod, host: str, port: int, expected: set[str], *,
                          count: int = 8, proto: str = "tcp") -> list[str]:
@@ -229,6 +264,8 @@ class Cluster:
         in_node = getattr(self, "in_node", None)
         if in_node is not None:
             in_node.close()
+        for thread in self._threads.values():
+            thread.close()
         self.sb.close()
 
 
