@@ -175,7 +175,9 @@ class Proxy:
 
     def debug_handlers(self) -> dict[str, Any]:
         """Prefix-routed handlers for the metrics server (``/debug/...``)."""
-        return {}
+        from kproxy_core import explain
+
+        return {explain.DEBUG_PREFIX: explain.debug_handler(self.view, self.backend)}
 
     def _configz(self) -> dict[str, Any]:
         as_file = getattr(self.config, "as_file_dict", None)

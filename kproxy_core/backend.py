@@ -149,6 +149,21 @@ class Backend(abc.ABC):
         ``kproxy explain``. The default says nothing."""
         return {}
 
+    def trace(
+        self, *, source_ip: str, protocol: str, dest_ip: str, dest_port: int,
+        local_source: bool = False,
+    ) -> Mapping[str, Any] | None:
+        """Where the first packet of a hypothetical connection would go, evaluated against the
+        live kernel state (read-only), for ``kproxy explain --from``: a mapping with at least
+        ``verdict`` (ACCEPT/DROP/REJECT), ``endpoints`` (list of "ip:port") and
+        ``masquerade`` (bool). None if the mode cannot tell."""
+        return None
+
+    def audit(self, view: NodeView) -> list[str]:
+        """Differences between ``view`` (what was last synced) and the kernel: stale or
+        missing objects, one line each, for ``kproxy explain --all``. Read-only."""
+        return []
+
 
 @attrs.frozen
 class ModeSpec:

@@ -179,7 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
+        path = self.path
         try:
             code, headers, body = self.server.route(path)
         except Exception:
@@ -313,7 +313,8 @@ _TEXT = {"Content-Type": "text/plain; charset=utf-8", "X-Content-Type-Options": 
 
 
 def healthz_routes(health: HealthState, metrics: Metrics) -> Route:
-    def route(path: str) -> tuple[int, Mapping[str, str], bytes]:
+    def route(raw_path: str) -> tuple[int, Mapping[str, str], bytes]:
+        path = raw_path.split("?", 1)[0]
         if path in ("/healthz", "/livez"):
             code, body = health.body(include_node=path == "/healthz")
             (metrics.count_healthz if path == "/healthz" else metrics.count_livez)(code)
@@ -331,7 +332,8 @@ def metrics_routes(
 ) -> Route:
     prefixes = sorted(debug_handlers, key=len, reverse=True)
 
-    def route(path: str) -> tuple[int, Mapping[str, str], bytes]:
+    def route(raw_path: str) -> tuple[int, Mapping[str, str], bytes]:
+        path = raw_path.split("?", 1)[0]
         if path == "/metrics":
             return 200, {"Content-Type": METRICS_CONTENT_TYPE}, metrics.render()
         if path == "/proxyMode":
@@ -343,7 +345,8 @@ def metrics_routes(
             return 200, _TEXT, b"ok"
         for prefix in prefixes:
             if path.startswith(prefix):
-                code, content_type, body = debug_handlers[prefix](path)
+                # Debug handlers get the query string too (explain's ?from=IP).
+                code, content_type, body = debug_handlers[prefix](raw_path)
                 return code, {"Content-Type": content_type}, body
         return 404, _TEXT, b"404 page not found\n"
 

@@ -79,7 +79,7 @@ def test_first_sync_is_full_and_carries_the_resolved_view(tmp_path: Path) -> Non
     proxy, backend, _ = _proxy(tmp_path, serve_http=False)
     proxy.start()
     try:
-        report = proxy.wait_until_synced(10)
+        report = proxy.wait_until_synced(30)
         assert report.full and report.ok
         first = backend.requests[0]
         assert first.full
@@ -95,7 +95,7 @@ def test_a_manifest_change_reaches_the_backend_as_a_partial_sync(tmp_path: Path)
     proxy, backend, manifests = _proxy(tmp_path, serve_http=False)
     proxy.start()
     try:
-        proxy.wait_until_synced(10)
+        proxy.wait_until_synced(30)
         count = len(backend.requests)
         services = manifests / "services.yaml"
         services.write_text(services.read_text().replace("port: 80\n      targetPort: 8080",
@@ -132,7 +132,7 @@ def test_failed_syncs_are_retried_in_full_with_changes_kept(tmp_path: Path) -> N
     proxy._backoff.initial = 0.05  # keep the test quick; the policy is tested in test_sync
     proxy.start()
     try:
-        report = proxy.wait_until_synced(10)
+        report = proxy.wait_until_synced(30)
         assert report.ok and report.full
         assert not reports[0].ok and "injected failure" in (reports[0].error or "")
         # The retry still carries every change the failed attempt had.
@@ -146,7 +146,7 @@ def test_sync_now_forces_a_full_sync(tmp_path: Path) -> None:
     proxy, _backend, _ = _proxy(tmp_path, serve_http=False)
     proxy.start()
     try:
-        proxy.wait_until_synced(10)
+        proxy.wait_until_synced(30)
         report = proxy.sync_now(full=True)
         assert report.full and report.changed == 0
     finally:
@@ -157,7 +157,7 @@ def test_servers_answer_healthz_proxymode_and_metrics(tmp_path: Path) -> None:
     proxy, _backend, _ = _proxy(tmp_path)
     proxy.start()
     try:
-        proxy.wait_until_synced(10)
+        proxy.wait_until_synced(30)
         servers = proxy._servers
         healthz = f"http://{servers.healthz_address}/healthz"
         metrics = f"http://{servers.metrics_address}"
@@ -186,7 +186,7 @@ def test_health_check_ports_and_no_local_endpoint_counts(tmp_path: Path) -> None
     proxy, _backend, _ = _proxy(tmp_path, serve_http=False)
     proxy.start()
     try:
-        proxy.wait_until_synced(10)
+        proxy.wait_until_synced(30)
         view = proxy.view()
         # api: eTP Local, endpoints 10.244.1.2 on this node and 10.244.2.2 on node2.
         assert health_check_ports(view) == {("default", "api"): (32000, 1)}
