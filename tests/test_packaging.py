@@ -117,7 +117,7 @@ def test_metadata_matches_pyproject(builder: Builder, dist: str) -> None:
     license_ = meta["License-Expression"] or meta["License"]
     assert license_ == project["license"], license_
     assert meta["Requires-Python"] == project["requires-python"]
-    assert meta.get_payload().strip(), "the long description (README) is empty"
+    assert str(meta.get_payload()).strip(), "the long description (README) is empty"
     requires = meta.get_all("Requires-Dist") or []
     if dist != "kproxy-core":
         # A plugin depends on the core and never on another plugin.
