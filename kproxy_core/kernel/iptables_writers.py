@@ -359,7 +359,12 @@ class RestoreWriter(_CommandWriter):
         if noflush:
             argv.append("--noflush")
         start = time.perf_counter()
-        proc = self._run(argv, input=text)
+        try:
+            proc = self._run(argv, input=text)
+        except subprocess.TimeoutExpired:
+            raise RestoreError(os.path.basename(self._restore), -1, None, None,
+                               f"killed after {COMMAND_TIMEOUT:.0f}s "
+                               f"({text.count(chr(10))} lines)") from None
         elapsed = time.perf_counter() - start
         if proc.returncode != 0:
             number, line, detail = _parse_failure(proc.stderr, text.splitlines())
