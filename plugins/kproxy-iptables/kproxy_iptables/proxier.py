@@ -350,6 +350,44 @@ class IptablesProxier(Backend):
         return {"programmed": True, "family": key.family, "chains": sorted(own),
                 "tables": tables}
 
+    def trace(
+        self, *, source_ip: str, protocol: str, dest_ip: str, dest_port: int,
+        local_source: bool = False,
+    ) -> Mapping[str, Any] | None:
+        """Walk the live nat and filter tables with the core's packet tracer."""
+        from kproxy_core.testing.iptables_save import parse_iptables_save
+        from kproxy_core.testing.tracer import trace
+
+        family = 6 if ":" in dest_ip else 4
+        writer = self.writer(family)
+        tables = parse_iptables_save(writer.save("nat") + writer.save("filter"))
+        cfg = self._state[family].cfg if family in self._state else None
+        # addrtype LOCAL is judged against the node addresses the last sync rendered with.
+        node_ips = [ip for ip in dict.fromkeys([cfg.node_ip, *(cfg.nodeport_ips or ())])
+                    if ip and "/" not in ip] if cfg is not None else []
+        result = trace(tables, source_ip=source_ip, protocol=protocol, dest_ip=dest_ip,
+                       dest_port=dest_port, node_ips=node_ips, local_source=local_source)
+        return {"verdict": result.verdict, "endpoints": list(result.endpoints),
+                "masquerade": result.masquerade, "chains": list(result.chains_visited)}
+
+    def audit(self, view: NodeView) -> list[str]:
+        """Per-service chains in the kernel that no synced service owns, and the reverse."""
+        lines: list[str] = []
+        for family, st in self._state.items():
+            if st.cfg is None:
+                continue
+            existing = {c for c in _chains_in(self.writer(family).save("nat"))
+                        if R.is_service_chain(c)}
+            expected = {c for chains in st.programmed.values() for c in chains}
+            lines += [f"IPv{family} nat chain {c} is programmed but no service owns it"
+                      for c in sorted(existing - expected)]
+            lines += [f"IPv{family} nat chain {c} is missing from the kernel"
+                      for c in sorted(expected - existing)]
+            for table, chain in (("nat", R.KUBE_SERVICES), ("filter", R.KUBE_SERVICES)):
+                if not self.writer(family).chain_exists(table, chain):
+                    lines.append(f"IPv{family} {table} chain {chain} is missing")
+        return lines
+
     def _save_with_counters(self, family: int, table: str) -> str:
         from kproxy_core.kernel.iptables_writers import find_binary
 

@@ -46,6 +46,10 @@ def _serve(conn: Connection, netns: str, config: Mapping[str, Any],
                 result = proxier.needs_full_sync()
             elif op == "describe":
                 result = proxier.describe(args)
+            elif op == "trace":
+                result = dict(proxier.trace(**args) or {})
+            elif op == "audit":
+                result = proxier.audit(args)
             elif op == "writer":  # a RuleWriter method on the proxier's IPv4 writer
                 method, method_args = args
                 result = getattr(proxier.writer(4), method)(*method_args)
