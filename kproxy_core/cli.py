@@ -3,6 +3,8 @@
 ``kproxy [upstream kube-proxy flags]`` runs the proxy; subcommands:
 
 * ``kproxy plugins [--json]``: installed distributions, modes, algorithms, sources and hooks;
+* ``kproxy explain NS/NAME[:PORT] [--from IP]`` / ``--all``: ask the running proxy what a
+  Service means on this node and what it programmed (see `kproxy_core.explain`);
 * ``kproxy demo``: the quick-start demo in a sandbox of network namespaces.
 
 Every usage or configuration error is one line on stderr and exit status 2, as upstream.
@@ -82,6 +84,43 @@ def cmd_plugins(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_explain(argv: Sequence[str]) -> int:
+    import argparse
+
+    from kproxy_core import explain
+
+    parser = argparse.ArgumentParser(
+        prog="kproxy explain",
+        description="Explain what a Service means on this node and what the running kproxy "
+                    "programmed for it (read-only, from the live process and kernel state).",
+    )
+    parser.add_argument("service", nargs="?", help="NAMESPACE/SERVICE[:PORT]")
+    parser.add_argument("--all", action="store_true",
+                        help="summarise problems: services without endpoints, drift")
+    parser.add_argument("--from", dest="from_ip", metavar="IP",
+                        help="trace a hypothetical packet from this source address")
+    parser.add_argument("--json", action="store_true", help="print the JSON report")
+    parser.add_argument("--metrics-address", default="127.0.0.1:10249",
+                        help="kproxy's --metrics-bind-address (default %(default)s)")
+
+    def one_line_error(message: str) -> NoReturn:
+        _fail(f"{message} (see kproxy explain --help)")
+
+    parser.error = one_line_error  # type: ignore[method-assign]
+    args = parser.parse_args(list(argv))
+    if not args.all and not args.service:
+        _fail("name a service (NAMESPACE/SERVICE[:PORT]) or use --all")
+    try:
+        if args.service:
+            explain.parse_target(args.service)
+        report = explain.fetch(args.metrics_address, None if args.all else args.service,
+                               args.from_ip)
+    except explain.ExplainError as exc:
+        _fail(str(exc), 1)
+    print(json.dumps(report, indent=2) if args.json else explain.render_text(report))
+    return 0
+
+
 def cmd_demo(argv: Sequence[str]) -> int:
     from kproxy_core import demo
 
@@ -90,6 +129,7 @@ def cmd_demo(argv: Sequence[str]) -> int:
 
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "plugins": cmd_plugins,
+    "explain": cmd_explain,
     "demo": cmd_demo,
 }
 
