@@ -574,6 +574,9 @@ class ApiServer:
         """Register a watch; returns it with the events to replay first (rendered)."""
         watch = _Watch(kind, selector, conn)
         with self._lock:
+            if self._faults.refuse or self._http is None:
+                # A request accepted just before the port closed must not outlive it.
+                raise _Gone()
             if since is None:
                 # No RV (or "0"): synthetic ADDED for the current state, then live.
                 replay = [
@@ -605,6 +608,10 @@ class ApiServer:
 
 class _Expired(Exception):
     pass
+
+
+class _Gone(Exception):
+    """The server went down while this request was in flight: cut the connection."""
 
 
 _THREAD_NETNS = "/proc/thread-self/ns/net"
@@ -898,6 +905,10 @@ class _Handler(BaseHTTPRequestHandler):
         bookmarks = query.get("allowWatchBookmarks") in ("1", "true", "True")
         try:
             watch, replay = api._open_watch(resource.kind, selector, since, self.connection)
+        except _Gone:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         except _Expired as exc:
             self._start_stream()
             self._chunk({"type": "ERROR", "object": status_object(410, "Expired", str(exc))})
