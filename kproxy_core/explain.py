@@ -200,7 +200,7 @@ def debug_handler(get_view: Any, backend: Backend | None) -> Any:
             if not rest:
                 body: dict[str, Any] = explain_all(view, backend)
             else:
-                from_ip = (query.get("from") or [None])[0]
+                from_ip = query["from"][0] if query.get("from") else None
                 body = explain_service(view, backend, urllib.parse.unquote(rest), from_ip)
         except ExplainError as exc:
             return 404, "application/json", json.dumps({"error": str(exc)}).encode()
