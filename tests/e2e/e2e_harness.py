@@ -256,17 +256,20 @@ class Cluster:
         return eventually(f"{proto} {host}:{port} -> {sorted(want or {'no answer'})}", check)
 
     def close(self) -> None:
-        if self.kproxy is not None and self.kproxy.alive():
-            self.kproxy.stop()
-        api = getattr(self, "api", None)
-        if api is not None:
-            api.stop()
-        in_node = getattr(self, "in_node", None)
-        if in_node is not None:
-            in_node.close()
-        for thread in self._threads.values():
-            thread.close()
-        self.sb.close()
+        # Every step runs even if one before it fails: a namespace must never outlive a test.
+        try:
+            if self.kproxy is not None and self.kproxy.alive():
+                self.kproxy.stop(signal.SIGKILL, timeout=10)
+        finally:
+            try:
+                api = getattr(self, "api", None)
+                if api is not None:
+                    api.stop()
+                for thread in [getattr(self, "in_node", None), *self._threads.values()]:
+                    if thread is not None:
+                        thread.close()
+            finally:
+                self.sb.close()
 
 
 def mode_problem(mode: str) -> tuple[str, bool] | None:
