@@ -62,6 +62,9 @@ class TableData:
         self.rules.extend(lines)
 
     def delete_chain(self, name: str) -> None:
+        """Delete a chain in this transaction. It is declared too (flushed first), because
+        ``-X`` fails on a chain that still has rules: upstream's pattern for stale chains."""
+        self.chain(name)
         self.deleted.append(name)
 
     def is_empty(self) -> bool:
