@@ -119,6 +119,11 @@ class Proxy:
         spec = self.plugins.modes().get(self.mode)
         assert spec is not None  # resolve_mode checked it
         backend_class = spec.load()
+        from kproxy_core import capabilities
+
+        problem = capabilities.check(self.mode, backend_class.required_capabilities)
+        if problem is not None:
+            raise BackendUnavailable(problem)
         context = self._backend_context()
         backend_class.check_supported(context)
         return backend_class(context)

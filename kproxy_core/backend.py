@@ -120,6 +120,8 @@ class Backend(abc.ABC):
     needs_conntrack_cleanup: ClassVar[bool] = True
     #: Config paths of (sync period, min sync period) that drive this mode's sync loop, as
     #: upstream where each mode has its own section (``ipvs.syncPeriod``...).
+    #: Linux capabilities the mode needs (checked at start-up with one clear message).
+    required_capabilities: ClassVar[tuple[str, ...]] = ("CAP_NET_ADMIN",)
     sync_period_options: ClassVar[tuple[str, str]] = (
         "iptables.syncPeriod",
         "iptables.minSyncPeriod",

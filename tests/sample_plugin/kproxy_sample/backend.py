@@ -32,6 +32,7 @@ def render(port: ResolvedServicePort) -> list[Row]:
 class MemoryBackend(Backend):
     name = "memory"
     needs_conntrack_cleanup = False
+    required_capabilities = ()
 
     def __init__(self, context: BackendContext) -> None:
         super().__init__(context)
