@@ -19,6 +19,13 @@ from collections.abc import Iterable
 
 TABLE_ORDER = ("raw", "mangle", "filter", "nat", "security")
 
+#: Modes whose rules share upstream's top-level chain names (KUBE-SERVICES, KUBE-POSTROUTING,
+#: KUBE-MARK-MASQ, KUBE-NODEPORTS...). As upstream's start-up cleanup (``platformCleanup``),
+#: starting one of them does not run the other's cleanup: it would delete chains and jumps the
+#: starting mode is about to use, and traffic would stop until its first sync. The starting
+#: mode's first full sync rewrites the shared chains instead.
+SHARED_CHAIN_MODES = frozenset({"iptables", "ipvs"})
+
 
 def quote(text: str) -> str:
     """Quote a value (e.g. a ``--comment``) for iptables-restore's tokenizer.

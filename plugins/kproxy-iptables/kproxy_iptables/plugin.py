@@ -11,6 +11,7 @@ import logging
 
 from kproxy_core import hookimpl
 from kproxy_core.backend import Backend, ConfigView, ModeSpec
+from kproxy_core.kernel.iptables import SHARED_CHAIN_MODES
 from kproxy_core.options import STRING, Option, OptionRegistry
 from kproxy_core.plugins import Registry
 
@@ -52,7 +53,7 @@ def kproxy_register_modes(register: Registry[ModeSpec]) -> None:
 @hookimpl
 def kproxy_cleanup(config: ConfigView, keep_mode: str | None,
                    logger: logging.Logger) -> list[str]:
-    if keep_mode == MODE:
+    if keep_mode == MODE or keep_mode in SHARED_CHAIN_MODES:
         return []
     from kproxy_iptables.cleanup import cleanup
 
