@@ -313,12 +313,13 @@ class IpvsProxier(Backend):
                 for entry in sorted(desired - have):
                     self.kernel.add_entry(name, spec.type, entry)
                     self._op("set_entry_add")
-        # iptables: jumps from built-in chains, then our chains.
+        # iptables: our chains first (the restore creates them), then the jumps to them.
+        self._rules_text = {}
+        elapsed = self._write_rules()
         for family in self.families:
             for table, chain, target, comment in rules.JUMPS:
                 self.kernel.ensure_jump(family, table, chain, rules.jump_args(target, comment))
-        self._rules_text = {}
-        return self._write_rules()
+        return elapsed
 
     def _sync_reals(self, key: VSKey, desired: frozenset[RealServer],
                     current: Mapping[RealServer, int], *, is_new: bool) -> None:
