@@ -35,9 +35,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
 
-from e2e_harness import Cluster, answered, eventually  # noqa: E402
+from e2e_harness import Cluster, answered, eventually
 
-from kproxy_core.demo import Ep, endpoint_slice_obj, service_obj  # noqa: E402
+from kproxy_core.demo import Ep, endpoint_slice_obj, service_obj
 
 FIXED_IP = "10.96.200.1"
 #: chains of one service port: they must not outlive the service
@@ -273,18 +273,19 @@ def main(argv: list[str] | None = None) -> int:
           f"up to {args.max_services} services", flush=True)
     result = soak(args.mode, args.minutes, args.sample, args.churn_interval,
                   args.max_services, args.seed)
-    print("fixed service: %(requests)d requests, %(failed)d failed, longest gap %(longest_gap_s)ss"
-          % result)
-    print("churn: %s" % result["churn_ops"])
-    print("RSS KiB: first %(rss_kib_first)d last %(rss_kib_last)d max %(rss_kib_max)d; slope "
-          "%(rss_slope_kib_per_min_second_half)s KiB/min (second half), "
-          "%(rss_slope_kib_per_min_all)s KiB/min (all)" % result)
-    print("fds: %(fds_before)d -> %(fds_after)d; threads: %(threads_before)d -> "
-          "%(threads_after)d" % result)
-    print("leftover chains: %s; ipset entries: %d" % (result["leftover_chains"] or "none",
-                                                      result["ipset_entries_after"]))
-    print("syncs %(syncs)d, sync errors %(sync_errors)d, restore failures "
-          "%(restore_failures)d" % result)
+    r = result
+    print(f"fixed service: {r['requests']} requests, {r['failed']} failed, "
+          f"longest gap {r['longest_gap_s']}s")
+    print(f"churn: {r['churn_ops']}")
+    print(f"RSS KiB: first {r['rss_kib_first']} last {r['rss_kib_last']} max "
+          f"{r['rss_kib_max']}; slope {r['rss_slope_kib_per_min_second_half']} KiB/min "
+          f"(second half), {r['rss_slope_kib_per_min_all']} KiB/min (all)")
+    print(f"fds: {r['fds_before']} -> {r['fds_after']}; threads: {r['threads_before']} -> "
+          f"{r['threads_after']}")
+    print(f"leftover chains: {r['leftover_chains'] or 'none'}; ipset entries: "
+          f"{r['ipset_entries_after']}")
+    print(f"syncs {r['syncs']:.0f}, sync errors {r['sync_errors']:.0f}, restore failures "
+          f"{r['restore_failures']:.0f}")
     print("RESULT " + json.dumps(result, sort_keys=True))
     return 0
 
