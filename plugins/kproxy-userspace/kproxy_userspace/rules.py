@@ -19,15 +19,11 @@ userspace proxy serves few services, and a whole rewrite can never leave a stale
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
 from collections.abc import Iterable, Sequence
 from typing import Protocol, cast
 
 import attrs
 
-from kproxy_core.backend import BackendUnavailable, SyncError
 from kproxy_core.kernel.iptables import RestoreData, quote
 from kproxy_core.model import ResolvedServicePort
 
@@ -36,9 +32,12 @@ PORTALS_HOST = "KUBE-PORTALS-HOST"
 NODEPORT_CONTAINER = "KUBE-NODEPORT-CONTAINER"
 NODEPORT_HOST = "KUBE-NODEPORT-HOST"
 NODEPORT_NON_LOCAL = "KUBE-NODEPORT-NON-LOCAL"
+#: Services without endpoints get no portal; their packets meet a REJECT here (ICMP port
+#: unreachable: "connection refused" at once), as the kernel modes answer them.
+PORTALS_REJECT = "KUBE-PORTALS-REJECT"
 
 NAT_CHAINS = (PORTALS_CONTAINER, PORTALS_HOST, NODEPORT_CONTAINER, NODEPORT_HOST)
-FILTER_CHAINS = (NODEPORT_NON_LOCAL,)
+FILTER_CHAINS = (NODEPORT_NON_LOCAL, PORTALS_REJECT)
 
 
 @attrs.frozen
@@ -66,6 +65,11 @@ JUMPS: tuple[Jump, ...] = (
     Jump("filter", "INPUT",
          ("-m", "comment", "--comment", "Ensure that non-local NodePort traffic can flow",
           "-j", NODEPORT_NON_LOCAL), prepend=True),
+    *(Jump("filter", chain,
+           ("-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment",
+            "kubernetes service portals without endpoints", "-j", PORTALS_REJECT),
+           prepend=True)
+      for chain in ("INPUT", "FORWARD", "OUTPUT")),
 )
 
 
@@ -115,7 +119,12 @@ def render(portals: Iterable[Portal], node_ip: str | None, family: int) -> Resto
         redirect_int = ("-j", "REDIRECT", "--to-ports", str(portal.internal_listener))
         redirect_ext = ("-j", "REDIRECT", "--to-ports", str(portal.external_listener))
         common = _common(port, port.port)
-        if port.cluster_ip:
+        if not port.internal_endpoints:
+            # REJECT when nothing serves anywhere; DROP when only this node's Local policy
+            # leaves nothing (as the kernel modes do).
+            verdict = "DROP" if port.has_any_endpoints else "REJECT"
+            flt.rule(PORTALS_REJECT, *common, "-d", _host_cidr(port.cluster_ip), "-j", verdict)
+        elif port.cluster_ip:
             dest = ("-d", _host_cidr(port.cluster_ip))
             nat.rule(PORTALS_CONTAINER, *common, *dest, *redirect_int)
             if node_ip:
@@ -129,6 +138,14 @@ def render(portals: Iterable[Portal], node_ip: str | None, family: int) -> Resto
                 external.extend((ip, ("-s", cidr)) for cidr in port.load_balancer_source_ranges)
             else:
                 external.append((ip, ()))
+        if port.is_external_facing and not port.external_endpoints:
+            verdict = "DROP" if port.has_any_endpoints else "REJECT"
+            for ip in (*port.external_ips, *port.load_balancer_ips):
+                flt.rule(PORTALS_REJECT, *common, "-d", _host_cidr(ip), "-j", verdict)
+            if port.node_port:
+                flt.rule(PORTALS_REJECT, *_common(port, port.node_port), "-m", "addrtype",
+                         "--dst-type", "LOCAL", "-j", verdict)
+            continue
         for ip, source in external:
             dest = ("-d", _host_cidr(ip))
             nat.rule(PORTALS_CONTAINER, *common, *source, *dest, *redirect_ext)
@@ -172,73 +189,10 @@ class Writer(Protocol):
     def delete_chain(self, table: str, chain: str) -> bool: ...
 
 
-class FallbackWriter:
-    """``iptables-restore`` / ``iptables`` through argv lists, for cores that do not ship
-    `kproxy_core.kernel.iptables_writers` yet. Same method names as its ``RuleWriter``."""
-
-    def __init__(self, family: int) -> None:
-        self.family = family
-        prefix = "ip6tables" if family == 6 else "iptables"
-        self._iptables = shutil.which(prefix)
-        self._restore = shutil.which(f"{prefix}-restore")
-        if self._iptables is None or self._restore is None:
-            raise BackendUnavailable(
-                f"{prefix} and {prefix}-restore are needed by the userspace mode: "
-                "install the iptables package"
-            )
-
-    def _run(self, argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False,
-                              timeout=60)
-
-    def restore(self, data: RestoreData, *, noflush: bool = True) -> float:
-        assert self._restore is not None
-        argv = [self._restore, "-w", "5"] + (["--noflush"] if noflush else [])
-        started = time.monotonic()
-        proc = self._run(argv, data.render())
-        if proc.returncode != 0:
-            raise SyncError(f"{argv[0]} exited {proc.returncode}: {proc.stderr.strip()}")
-        return time.monotonic() - started
-
-    def _iptables_ok(self, *args: str) -> bool:
-        assert self._iptables is not None
-        return self._run([self._iptables, "-w", "5", *args]).returncode == 0
-
-    def chain_exists(self, table: str, chain: str) -> bool:
-        return self._iptables_ok("-t", table, "-S", chain, "1")
-
-    def ensure_chain(self, table: str, chain: str) -> bool:
-        if self.chain_exists(table, chain):
-            return False
-        if not self._iptables_ok("-t", table, "-N", chain):
-            raise SyncError(f"cannot create chain {chain} in table {table}")
-        return True
-
-    def ensure_rule(self, table: str, chain: str, args: Sequence[str], *,
-                    prepend: bool = False) -> bool:
-        if self._iptables_ok("-t", table, "-C", chain, *args):
-            return False
-        op = ("-I", chain, "1") if prepend else ("-A", chain)
-        if not self._iptables_ok("-t", table, *op, *args):
-            raise SyncError(f"cannot add rule to {table}/{chain}: {' '.join(args)}")
-        return True
-
-    def delete_rule(self, table: str, chain: str, args: Sequence[str]) -> bool:
-        return self._iptables_ok("-t", table, "-D", chain, *args)
-
-    def delete_chain(self, table: str, chain: str) -> bool:
-        if not self.chain_exists(table, chain):
-            return False
-        self._iptables_ok("-t", table, "-F", chain)
-        return self._iptables_ok("-t", table, "-X", chain)
-
-
 def make_writer(family: int) -> Writer:
-    """The core's restore writer for ``family`` if the core has one, else `FallbackWriter`."""
-    try:
-        from kproxy_core.kernel.iptables_writers import make_writer as core_make_writer
-    except ImportError:
-        return FallbackWriter(family)
+    """The core's restore writer for ``family`` (legacy or nft, as the host uses)."""
+    from kproxy_core.kernel.iptables_writers import make_writer as core_make_writer
+
     return cast(Writer, core_make_writer("restore", family))
 
 

@@ -43,6 +43,7 @@ def test_render_matches_upstream_rule_shapes() -> None:
     expected = [
         "*filter",
         ":KUBE-NODEPORT-NON-LOCAL - [0:0]",
+        ":KUBE-PORTALS-REJECT - [0:0]",
         f"-A KUBE-NODEPORT-NON-LOCAL {common} 40002 -m state --state NEW -j ACCEPT",
         "COMMIT",
         "*nat",
@@ -75,6 +76,23 @@ def test_render_filters_family_and_skips_host_rules_without_node_ip() -> None:
         "-d 10.96.0.10/32 -j REDIRECT --to-ports 1"
     ]
     assert rules.rule_count(rules.render([rules.Portal(port(), 1, 1)], "fd00::1", 6)) == 0
+
+
+def test_services_without_endpoints_get_reject_or_drop_instead_of_a_portal() -> None:
+    common = "-m comment --comment ns1/svc1:p80 -p tcp -m tcp --dport"
+    nothing = rules.render([rules.Portal(port(cluster_endpoints=(), node_port=30080), 1, 2)],
+                           "10.99.0.1", 4)
+    assert nothing.tables["nat"].rules == []
+    assert nothing.tables["filter"].rules == [
+        f"-A KUBE-PORTALS-REJECT {common} 80 -d 10.96.0.10/32 -j REJECT",
+        f"-A KUBE-PORTALS-REJECT {common} 30080 -m addrtype --dst-type LOCAL -j REJECT",
+    ]
+    # eTP Local without a local endpoint: ClusterIP still served, external traffic dropped.
+    local = rules.render([rules.Portal(port(node_port=30080, external_policy_local=True,
+                                            has_any_endpoints=True), 1, 2)], "10.99.0.1", 4)
+    assert local.tables["filter"].rules == [
+        f"-A KUBE-PORTALS-REJECT {common} 30080 -m addrtype --dst-type LOCAL -j DROP"]
+    assert len(local.tables["nat"].rules) == 2  # the ClusterIP portal (container + host)
 
 
 def test_plugin_registers_mode_and_options() -> None:
