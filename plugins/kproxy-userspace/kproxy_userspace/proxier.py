@@ -78,6 +78,12 @@ class UserspaceProxier(Backend):
         )
         self.log = context.logger
         self._warn = RateLimitedLog(self.log, interval=300)
+        if context.metrics is not None:
+            # Served on the process's /metrics next to upstream's metrics.
+            from kproxy_userspace.relay import METRICS
+
+            for collector in METRICS:
+                context.metrics.registry.register(collector)
         self.writers: dict[int, rules.Writer] = {}
         for family in context.families:
             try:

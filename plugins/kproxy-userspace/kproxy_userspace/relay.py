@@ -47,8 +47,8 @@ _IP_PKTINFO = 8
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
-# The core has no shared metrics registry for plugins yet: ours lives here, and whoever serves
-# /metrics can include it.
+# Defined once per process in a registry of their own (tests read it directly); the proxier
+# also registers them in the core's registry (BackendContext.metrics), which /metrics serves.
 REGISTRY = CollectorRegistry(auto_describe=True)
 ACTIVE = Gauge("kproxy_userspace_active_connections",
                "Open proxied connections (TCP) or sessions (UDP) per service port",
@@ -65,6 +65,7 @@ CONNECT_FAILURES = Counter("kproxy_userspace_connect_failures_total",
 REJECTED = Counter("kproxy_userspace_rejected_total",
                    "Clients turned away: no endpoint left, connection limit, or out of files",
                    ["service", "protocol", "reason"], registry=REGISTRY)
+METRICS = (ACTIVE, CONNECTIONS, BYTES, CONNECT_FAILURES, REJECTED)
 
 
 @attrs.frozen

@@ -244,3 +244,28 @@ def test_udp_sessions_expire_after_idle_timeout(plane: DataPlane) -> None:
         client.close()
     finally:
         backend.close()
+
+
+def test_per_service_metrics_are_served_with_the_core_metrics() -> None:
+    from kproxy_core.metrics import Metrics
+    from kproxy_core.testing.conformance import OptionDefaults
+    from kproxy_core.testing.innetns import in_netns
+    from kproxy_core.testing.netns import Sandbox
+
+    def build_and_render() -> bytes:
+        from kproxy_userspace.proxier import UserspaceProxier
+
+        plugins = KproxyPluginManager()
+        metrics = Metrics(mode="userspace")
+        proxier = UserspaceProxier(BackendContext(
+            config=OptionDefaults(plugins), node_name="node", logger=logging.getLogger("t"),
+            plugins=plugins, families=(4,), metrics=metrics))
+        try:
+            return metrics.render()
+        finally:
+            proxier.close()
+
+    with Sandbox() as sandbox:
+        text = in_netns(sandbox.netns("node").name, build_and_render).decode()
+    assert "# TYPE kproxy_userspace_active_connections gauge" in text
+    assert "# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram" in text
