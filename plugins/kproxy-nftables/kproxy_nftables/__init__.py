@@ -1,0 +1,1 @@
+"""kproxy proxy mode ``nftables`` (see ``docs/modes/nftables.md``)."""

@@ -1,0 +1,522 @@
+"""The ``nftables`` backend.
+
+Every sync sends ONE ``nft -f -`` transaction covering both families. A partial sync rewrites
+only the changed service ports: it diffs the render of each changed port against the render
+it programmed last time (kept in memory, never read back from the kernel), so a one-endpoint
+change is a handful of statements whatever the number of services. A full sync re-declares
+the table, flushes the service maps and re-adds everything; the only kernel read is one
+listing of chain and set names per family, to delete what no service owns any more.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import platform
+import re
+import subprocess
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kproxy_core.backend import (
+    Backend,
+    BackendContext,
+    BackendUnavailable,
+    ConfigView,
+    SyncError,
+    SyncRequest,
+    SyncResult,
+)
+from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey
+from kproxy_nftables import nft
+from kproxy_nftables import rules as R
+from kproxy_nftables.transaction import Plan, diff_plan, full_plan
+
+DEFAULT_MASQUERADE_BIT = 14
+
+
+def config_value(config: ConfigView, path: str, default: Any) -> Any:
+    """``config.get(path)``, or ``default`` when no installed plugin declares the path."""
+    try:
+        value = config.get(path)
+    except (KeyError, LookupError, AttributeError):
+        return default
+    return default if value is None else value
+
+
+def _as_list(value: object) -> list[str]:
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, Sequence):
+        return [str(v).strip() for v in value if str(v).strip()]
+    raise ValueError(f"expected a list of strings, got {value!r}")
+
+
+def _of_family(values: Sequence[str], family: int) -> list[str]:
+    out = []
+    for value in values:
+        try:
+            if ipaddress.ip_network(value, strict=False).version == family:
+                out.append(value)
+        except ValueError:
+            continue
+    return out
+
+
+class Settings:
+    """The configuration this mode reads, parsed and checked once."""
+
+    def __init__(self, config: ConfigView) -> None:
+        # Upstream's flags are shared by iptables and nftables (--masquerade-all,
+        # --iptables-masquerade-bit); the file's nftables section wins when it is set.
+        self.masquerade_all = bool(config_value(config, "nftables.masqueradeAll", False)
+                                   or config_value(config, "iptables.masqueradeAll", False))
+        bit = int(config_value(config, "nftables.masqueradeBit", DEFAULT_MASQUERADE_BIT))
+        if bit == DEFAULT_MASQUERADE_BIT:
+            bit = int(config_value(config, "iptables.masqueradeBit", DEFAULT_MASQUERADE_BIT))
+        self.masquerade_mark = R.masquerade_mark(bit)
+        self.cluster_cidrs = _as_list(config_value(config, "clusterCIDR", ""))
+        self.detect_local_mode = str(config_value(config, "detectLocalMode", "") or "ClusterCIDR")
+        self.bridge_interface = str(config_value(config, "detectLocal.bridgeInterface", ""))
+        self.interface_prefix = str(config_value(config, "detectLocal.interfaceNamePrefix", ""))
+        self.node_cidrs = _as_list(config_value(config, "detectLocal.nodeCIDRs", ""))
+        self.nodeport_addresses = _as_list(config_value(config, "nodePortAddresses", ()))
+        modes = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
+        if self.detect_local_mode not in modes:
+            raise ValueError(f"detectLocalMode must be one of {', '.join(modes)}, "
+                             f"not {self.detect_local_mode!r}")
+
+    def local_detector(self, family: int) -> R.LocalDetector:
+        mode = self.detect_local_mode
+        if mode == "ClusterCIDR":
+            return R.LocalDetector.for_cidrs(family, _of_family(self.cluster_cidrs, family))
+        if mode == "NodeCIDR":
+            return R.LocalDetector.for_cidrs(family, _of_family(self.node_cidrs, family))
+        if mode == "BridgeInterface":
+            return R.LocalDetector.for_interface(self.bridge_interface)
+        return R.LocalDetector.for_interface(
+            f"{self.interface_prefix}*" if self.interface_prefix else "")
+
+    def nodeport_ips(self, family: int, view: NodeView,
+                     interface_ips: Sequence[str] | None) -> tuple[str, ...] | None:
+        """Upstream's NodePortAddresses in nftables mode: unset means "primary" (this node's
+        IP in the family); a CIDR matching everything means every local address (None);
+        other CIDRs select the local addresses inside them."""
+        primary = tuple(ip for ip in view.node_ips if (":" in ip) == (family == 6))[:1]
+        values = self.nodeport_addresses
+        if not values or values == ["primary"]:
+            return primary
+        cidrs = [ipaddress.ip_network(v, strict=False) for v in values if v != "primary"]
+        cidrs = [c for c in cidrs if c.version == family]
+        if any(c.prefixlen == 0 for c in cidrs):
+            return None
+        selected = list(primary) if "primary" in values else []
+        for ip in interface_ips or ():
+            address = ipaddress.ip_address(ip)
+            if address.version == family and any(address in c for c in cidrs):
+                selected.append(ip)
+        return tuple(dict.fromkeys(selected))
+
+    @property
+    def needs_interface_ips(self) -> bool:
+        return any(v != "primary" for v in self.nodeport_addresses)
+
+
+def local_addresses() -> list[str]:
+    """Addresses on this namespace's interfaces (for CIDR nodePortAddresses)."""
+    proc = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True,
+                          timeout=30, check=False)
+    if proc.returncode != 0:
+        return []
+    out = []
+    for link in json.loads(proc.stdout or "[]"):
+        for info in link.get("addr_info", []):
+            if "local" in info:
+                out.append(str(info["local"]))
+    return out
+
+
+def kernel_deletes_chains_at_once() -> bool:
+    """Kernels before 6.2 notice a chain became unreferenced only some time after the map
+    element naming it is deleted, so upstream deletes stale chains a second later."""
+    match = re.match(r"(\d+)\.(\d+)", platform.release())
+    return match is None or (int(match[1]), int(match[2])) >= (6, 2)
+
+
+class _FamilyState:
+    __slots__ = ("cfg", "cluster_ip_refs", "programmed", "stale_chains")
+
+    def __init__(self) -> None:
+        self.cfg: R.FamilyConfig | None = None
+        self.programmed: dict[ServicePortKey, R.PortRender] = {}
+        self.cluster_ip_refs: Counter[str] = Counter()
+        #: Chains flushed on an old kernel, deleted on a later sync.
+        self.stale_chains: set[str] = set()
+
+
+class NftablesProxier(Backend):
+    name = "nftables"
+    needs_conntrack_cleanup = True
+    sync_period_options = ("nftables.syncPeriod", "nftables.minSyncPeriod")
+
+    def __init__(self, context: BackendContext) -> None:
+        super().__init__(context)
+        self.settings = Settings(context.config)
+        self.families: tuple[int, ...] = tuple(f for f in (4, 6) if f in context.families)
+        self.state: dict[int, _FamilyState] = {family: _FamilyState() for family in self.families}
+        self.delete_at_once = kernel_deletes_chains_at_once()
+        self._interface_ips: list[str] | None = None
+        self.last_transaction: list[str] = []
+
+    @classmethod
+    def check_supported(cls, context: BackendContext) -> None:
+        if nft.nft_binary() is None:
+            raise BackendUnavailable(
+                "nftables mode needs the nft command (install the nftables package)")
+        try:
+            nft.run_nft(["list", "tables"], timeout=30)
+        except nft.NftError as exc:
+            raise BackendUnavailable(
+                f"nftables mode cannot use nf_tables on this host: {exc} (needs kernel "
+                "nf_tables support and CAP_NET_ADMIN)") from None
+
+    # -- rendering ------------------------------------------------------------------------------
+
+    def family_config(self, family: int, view: NodeView) -> R.FamilyConfig:
+        node_ip = next((ip for ip in view.node_ips if (":" in ip) == (family == 6)), "")
+        return R.FamilyConfig(
+            family=family,
+            masquerade_mark=self.settings.masquerade_mark,
+            masquerade_all=self.settings.masquerade_all,
+            local=self.settings.local_detector(family),
+            nodeport_ips=self.settings.nodeport_ips(family, view, self._interface_ips),
+            node_ip=node_ip,
+        )
+
+    def render(self, port: ResolvedServicePort, cfg: R.FamilyConfig) -> R.PortRender:
+        return R.render_port(port, cfg)
+
+    def plan(self, request: SyncRequest, family: int, *, full: bool,
+             existing: tuple[set[str], dict[str, int | None]] | None = None) -> tuple[
+                 Plan, dict[ServicePortKey, R.PortRender], Counter[str]]:
+        """The statements for ``family`` and the state they leave (committed on success)."""
+        state = self.state[family]
+        cfg = self.family_config(family, request.view)
+        ports = {k: v for k, v in request.view.services.items() if k.family == family}
+        if full or state.cfg is None:
+            renders = {key: self.render(port, cfg) for key, port in sorted(ports.items())}
+            chains, sets = existing if existing is not None else (set(), {})
+            chains = {c for c in chains if R.is_service_chain(c)}
+            sets = {s: t for s, t in sets.items() if R.is_affinity_set(s)}
+            plan = full_plan(cfg, renders.values(), chains, sets,
+                             defer_deletes=not self.delete_at_once)
+            refs = Counter(r.cluster_ip for r in renders.values() if r.cluster_ip)
+            return plan, renders, refs
+        plan = Plan(family, defer_deletes=not self.delete_at_once)
+        if cfg != state.cfg:
+            if cfg.nodeport_ips != state.cfg.nodeport_ips or cfg.node_ip != state.cfg.node_ip:
+                plan.setup += R.nodeport_ips_lines(cfg)
+            if cfg.nodeport_ips is None or state.cfg.nodeport_ips is None or (
+                    cfg.node_ip != state.cfg.node_ip):
+                # A switch between "every local address" and a set, or a new node IP
+                # (firewall rules allow the node): rewrite as a full sync would.
+                return self.plan(request, family, full=True, existing=nft.list_names(family))
+        programmed = dict(state.programmed)
+        refs = Counter(state.cluster_ip_refs)
+        plan.delete_chains.extend(sorted(state.stale_chains))
+        for key in sorted(k for k in request.changed if k.family == family):
+            old = programmed.get(key, R.EMPTY_RENDER)
+            port = ports.get(key)
+            new = self.render(port, cfg) if port is not None else R.EMPTY_RENDER
+            if old == new:
+                continue
+            diff_plan(plan, old, new)
+            if old.cluster_ip != new.cluster_ip:
+                if old.cluster_ip:
+                    refs[old.cluster_ip] -= 1
+                    if refs[old.cluster_ip] <= 0:
+                        del refs[old.cluster_ip]
+                        plan.cluster_ip(old.cluster_ip, add=False)
+                if new.cluster_ip:
+                    if refs[new.cluster_ip] == 0:
+                        plan.cluster_ip(new.cluster_ip, add=True)
+                    refs[new.cluster_ip] += 1
+            if port is None:
+                programmed.pop(key, None)
+            else:
+                programmed[key] = new
+        return plan, programmed, refs
+
+    # -- syncing --------------------------------------------------------------------------------
+
+    def sync(self, request: SyncRequest) -> SyncResult:
+        if request.full and self.settings.needs_interface_ips:
+            self._interface_ips = local_addresses()
+        plans: list[tuple[int, Plan, dict[ServicePortKey, R.PortRender], Counter[str],
+                          R.FamilyConfig]] = []
+        for family in self.families:
+            full = request.full or self.state[family].cfg is None
+            existing = nft.list_names(family) if full else None
+            plan, programmed, refs = self.plan(request, family, full=full, existing=existing)
+            plans.append((family, plan, programmed, refs,
+                          self.family_config(family, request.view)))
+        lines: list[str] = []
+        for _, plan, _, _, _ in plans:
+            lines += plan.lines()
+        self.last_transaction = lines
+        try:
+            seconds = nft.apply(lines)
+        except nft.NftError as exc:
+            raise SyncError(f"nftables transaction failed: {exc}") from exc
+        objects = 0
+        counters: dict[str, int] = {}
+        for family, plan, programmed, refs, cfg in plans:
+            state = self.state[family]
+            state.cfg = cfg
+            state.programmed = programmed
+            state.cluster_ip_refs = refs
+            state.stale_chains = set(plan.stale)
+            objects += plan.objects
+            counters[f"ipv{family}_service_ports"] = len(programmed)
+            counters[f"ipv{family}_chains"] = sum(len(r.chains) for r in programmed.values())
+        return SyncResult(objects_written=objects, counters=counters, external_seconds=seconds)
+
+    # -- reading back ---------------------------------------------------------------------------
+
+    def needs_full_sync(self) -> bool:
+        """Someone deleted our table (e.g. ``nft flush ruleset``): rebuild it."""
+        return any(self.state[f].cfg is not None and not nft.table_exists(f)
+                   for f in self.families)
+
+    def kernel(self, family: int) -> nft.KernelTable:
+        return nft.read_table(family)
+
+    def describe(self, key: ServicePortKey) -> Mapping[str, Any]:
+        render = self.state.get(key.family, _FamilyState()).programmed.get(key)
+        if render is None:
+            return {"programmed": False}
+        table = self.kernel(key.family)
+        chains = {name: [_rule_text(expr) for expr in table.chains.get(name, ())]
+                  for name in render.chains}
+        missing = [name for name in render.chains if name not in table.chains]
+        elements = []
+        for element in render.elements:
+            got = table.maps.get(element.map, {})
+            present = any(_key_text(k) == element.key for k in got)
+            elements.append({"map": element.map, "key": element.key, "value": element.value,
+                             "present": present})
+        return {
+            "table": f"{R.nft_family(key.family)} {R.TABLE}",
+            "chains": chains,
+            "missing_chains": missing,
+            "elements": elements,
+            "affinity_sets": dict(render.affinity_sets),
+            "endpoints": sorted(endpoints_of(table, next(
+                (n for n in render.chains if n.startswith((R.SERVICE_PREFIX, R.LOCAL_PREFIX))),
+                ""))),
+        }
+
+    def audit(self, view: NodeView) -> list[str]:
+        problems: list[str] = []
+        for family in self.families:
+            table = self.kernel(family)
+            if not table.exists:
+                problems.append(f"table {R.nft_family(family)} {R.TABLE} is missing")
+                continue
+            cfg = self.family_config(family, view)
+            want_chains: set[str] = set()
+            want_elements: dict[str, set[str]] = {}
+            for port in [p for k, p in view.services.items() if k.family == family]:
+                render = self.render(port, cfg)
+                want_chains.update(render.chains)
+                for element in render.elements:
+                    want_elements.setdefault(element.map, set()).add(element.key)
+            have_chains = {c for c in table.chains if R.is_service_chain(c)}
+            fam = R.nft_family(family)
+            problems += [f"{fam}: missing chain {c}" for c in sorted(want_chains - have_chains)]
+            problems += [f"{fam}: stale chain {c}" for c in sorted(have_chains - want_chains)]
+            for name in R.SERVICE_MAPS:
+                have = {_key_text(k) for k in table.maps.get(name, {})}
+                want = want_elements.get(name, set())
+                problems += [f"{fam}: missing element {k} in {name}" for k in sorted(want - have)]
+                problems += [f"{fam}: stale element {k} in {name}" for k in sorted(have - want)]
+        return problems
+
+    def trace(
+        self, *, source_ip: str, protocol: str, dest_ip: str, dest_port: int,
+        local_source: bool = False,
+    ) -> Mapping[str, Any] | None:
+        family = 6 if ":" in dest_ip else 4
+        if family not in self.state:
+            return None
+        state = self.state[family]
+        return trace_table(self.kernel(family), state.cfg, source_ip=source_ip,
+                           protocol=protocol, dest_ip=dest_ip, dest_port=dest_port,
+                           local_source=local_source)
+
+
+# --------------------------------------------------------------------------------------------
+# Interpreting the kernel's table (explain, audit, tests)
+# --------------------------------------------------------------------------------------------
+
+
+def _key_text(key: tuple[Any, ...]) -> str:
+    return " . ".join(str(part) for part in key)
+
+
+def _rule_text(expr: Any) -> str:
+    return json.dumps(expr, separators=(",", ":"))
+
+
+def endpoints_of(table: nft.KernelTable, chain: str) -> set[str]:
+    """Endpoints a new connection entering ``chain`` (service-/local-/external-) can reach."""
+    if not chain or chain not in table.chains:
+        return set()
+    rules = table.chains[chain]
+    if chain.startswith(R.EXTERNAL_PREFIX):
+        target = next((t for t in (nft.is_plain_goto(r) for r in reversed(rules)) if t), None)
+        return endpoints_of(table, target) if target else set()
+    found: set[str] = set()
+    for rule in rules:
+        targets = nft.vmap_targets(rule)
+        for target in targets or ():
+            for endpoint_rule in table.chains.get(target, ()):
+                dnat = nft.dnat_target(endpoint_rule)
+                if dnat:
+                    found.add(dnat)
+    return found
+
+
+def dispatch(table: nft.KernelTable, protocol: str, address: str | None,
+             port: int) -> tuple[str, str | None]:
+    """("verdict", chain) for a new connection to ``address:port`` (None: a node port) as
+    the filter and dispatch maps decide it: ("reject" | "drop" | "accept", target chain)."""
+    proto = protocol.lower()
+    if address is None:
+        key: tuple[Any, ...] = (proto, port)
+        blocked = table.maps.get(R.NO_ENDPOINT_NODEPORTS_MAP, {}).get(key)
+        dispatch_map = table.maps.get(R.SERVICE_NODEPORTS_MAP, {})
+    else:
+        key = (address, proto, port)
+        blocked = table.maps.get(R.NO_ENDPOINT_SERVICES_MAP, {}).get(key)
+        dispatch_map = table.maps.get(R.SERVICE_IPS_MAP, {})
+    if blocked is not None:
+        return ("reject" if nft.goto_target(blocked) == R.REJECT_CHAIN else "drop"), None
+    verdict = dispatch_map.get(key)
+    if verdict is None:
+        return "accept", None
+    return "accept", nft.goto_target(verdict)
+
+
+def trace_table(table: nft.KernelTable, cfg: R.FamilyConfig | None, *, source_ip: str,
+                protocol: str, dest_ip: str, dest_port: int,
+                local_source: bool = False) -> Mapping[str, Any]:
+    """A small evaluator of our own rule shapes for ``kproxy explain --from``."""
+    proto = protocol.lower()
+    source = ipaddress.ip_address(source_ip)
+    fw = table.maps.get(R.FIREWALL_IPS_MAP, {}).get((dest_ip, proto, dest_port))
+    if fw is not None:
+        for rule in table.chains.get(nft.goto_target(fw) or "", ()):
+            allowed = _saddr_not_in(rule)
+            if allowed is not None and not any(source in net for net in allowed):
+                return {"verdict": "DROP", "endpoints": [], "masquerade": False,
+                        "reason": "loadBalancerSourceRanges"}
+    verdict, chain = dispatch(table, proto, dest_ip, dest_port)
+    nodeport = False
+    if verdict == "accept" and chain is None and cfg is not None and (
+            cfg.nodeport_ips is None or dest_ip in cfg.nodeport_ips):
+        verdict, chain = dispatch(table, proto, None, dest_port)
+        nodeport = chain is not None or verdict != "accept"
+    if verdict != "accept":
+        return {"verdict": verdict.upper(), "endpoints": [], "masquerade": False,
+                "nodeport": nodeport}
+    if chain is None:
+        return {"verdict": "ACCEPT", "endpoints": [], "masquerade": False,
+                "reason": "not a service"}
+    masquerade = False
+    steps = [chain]
+    for _ in range(4):
+        if not chain.startswith(R.EXTERNAL_PREFIX):
+            break
+        next_chain = None
+        for rule in table.chains.get(chain, ()):
+            match_ok = _matches(rule, source, local_source, cfg)
+            if not match_ok:
+                continue
+            target = _verdict_target(rule)
+            if target == ("jump", R.MARK_MASQ_CHAIN):
+                masquerade = True
+            elif target is not None and target[0] == "goto":
+                next_chain = target[1]
+                break
+        if next_chain is None:
+            return {"verdict": "DROP", "endpoints": [], "masquerade": masquerade,
+                    "chains": steps}
+        chain = next_chain
+        steps.append(chain)
+    for rule in table.chains.get(chain, ()):
+        if _verdict_target(rule) == ("jump", R.MARK_MASQ_CHAIN) and _matches(
+                rule, source, local_source, cfg):
+            masquerade = True
+    endpoints = sorted(endpoints_of(table, chain))
+    return {"verdict": "ACCEPT", "endpoints": endpoints, "masquerade": masquerade,
+            "chains": steps, "nodeport": nodeport}
+
+
+def _verdict_target(rule: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
+    for expr in rule:
+        for kind in ("goto", "jump"):
+            if kind in expr:
+                return kind, str(expr[kind]["target"])
+    return None
+
+
+def _prefix_nets(right: Any) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    values = right.get("set", [right]) if isinstance(right, Mapping) else [right]
+    nets = []
+    for value in values:
+        if isinstance(value, Mapping) and "prefix" in value:
+            nets.append(ipaddress.ip_network(
+                f"{value['prefix']['addr']}/{value['prefix']['len']}", strict=False))
+        elif isinstance(value, str):
+            nets.append(ipaddress.ip_network(value, strict=False))
+    return nets
+
+
+def _saddr_not_in(rule: Sequence[Mapping[str, Any]]) -> list[Any] | None:
+    for expr in rule:
+        match = expr.get("match")
+        if match and match.get("op") == "!=" and match["left"].get("payload", {}).get(
+                "field") == "saddr":
+            return _prefix_nets(match["right"])
+    return None
+
+
+def _matches(rule: Sequence[Mapping[str, Any]], source: Any, local_source: bool,
+             cfg: R.FamilyConfig | None) -> bool:
+    """Whether ``rule``'s conditions hold for a packet from ``source`` (only the shapes
+    this mode writes: saddr prefix or address, fib saddr type local, iifname; daddr and
+    dport conditions hold by construction of the dispatch)."""
+    for expr in rule:
+        match = expr.get("match")
+        if not match:
+            continue
+        left = match["left"]
+        op = match.get("op", "==")
+        if "fib" in left:
+            result = local_source
+        elif left.get("payload", {}).get("field") == "saddr":
+            nets = _prefix_nets(match["right"])
+            result = any(source in net for net in nets)
+        elif "meta" in left and left["meta"].get("key") == "iifname":
+            result = False  # the interface is unknown to a trace: treat as not local
+        else:
+            continue
+        if op == "!=":
+            result = not result
+        if not result:
+            return False
+    return True
