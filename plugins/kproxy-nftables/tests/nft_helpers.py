@@ -6,6 +6,10 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from kproxy_nftables import nft
+from kproxy_nftables import rules as R
+from kproxy_nftables.proxier import dispatch, endpoints_of
+
 from kproxy_core.backend import BackendContext
 from kproxy_core.model import (
     Endpoint,
@@ -17,9 +21,6 @@ from kproxy_core.model import (
 )
 from kproxy_core.plugins import KproxyPluginManager
 from kproxy_core.testing.conformance import Flow
-from kproxy_nftables import nft
-from kproxy_nftables import rules as R
-from kproxy_nftables.proxier import dispatch, endpoints_of
 
 
 class FakeConfig:

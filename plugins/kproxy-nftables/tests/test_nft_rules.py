@@ -1,0 +1,283 @@
+"""Golden tests: the resolved model rendered to nft transaction text (no kernel)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+from kproxy_nftables import nft
+from kproxy_nftables import rules as R
+from kproxy_nftables.proxier import NftablesProxier, Settings
+from kproxy_nftables.transaction import full_plan
+from nft_helpers import context, ep, key, svc, view
+
+from kproxy_core.backend import SyncRequest
+from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey
+
+CIDR = {"clusterCIDR": ("10.0.0.0/8",)}
+WEB = key("ns1", "svc1")
+WEB_CHAIN = "service-ULMVA6XW-ns1/svc1/tcp/p80"
+WEB_EP1 = "endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
+
+
+class Recorder:
+    """Stands in for the kernel: records every transaction, lists nothing."""
+
+    def __init__(self) -> None:
+        self.transactions: list[list[str]] = []
+
+    def apply(self, lines: list[str]) -> float:
+        self.transactions.append(list(lines))
+        return 0.0
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
+    rec = Recorder()
+    monkeypatch.setattr(nft, "apply", rec.apply)
+    monkeypatch.setattr(nft, "list_names", lambda family: (set(), {}))
+    yield rec
+
+
+class Driver:
+    def __init__(self, config: dict[str, object] | None = None,
+                 families: tuple[int, ...] = (4,)) -> None:
+        self.proxier = NftablesProxier(context(config if config is not None else CIDR,
+                                               families))
+        self.previous: dict[ServicePortKey, ResolvedServicePort] = {}
+
+    def sync(self, *ports: ResolvedServicePort, full: bool = False,
+             node_ips: tuple[str, ...] = ("10.99.0.1",)) -> None:
+        current = {p.key: p for p in ports}
+        changed = {k for k in current.keys() | self.previous.keys()
+                   if current.get(k) != self.previous.get(k)}
+        self.proxier.sync(SyncRequest(
+            view=NodeView("node", node_ips, "", current), changed=frozenset(changed),
+            full=full, previous={k: self.previous.get(k) for k in changed}))
+        self.previous = current
+
+
+def test_upstream_chain_names() -> None:
+    assert R.chain_name_base(WEB.name) == "ULMVA6XW-ns1/svc1/tcp/p80"
+    assert (R.endpoint_chain_base(WEB.name, ep("10.180.0.1"))
+            == "5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80")
+    assert R.masquerade_mark(14) == "0x004000"
+    long = R.hash_and_truncate("x" * 300)
+    assert len(long) == 240 and long.endswith("...")
+
+
+def test_cluster_ip_golden() -> None:
+    cfg = R.FamilyConfig(4, local=R.LocalDetector.for_cidrs(4, ["10.0.0.0/8"]))
+    render = R.render_port(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")]), cfg)
+    assert dict(render.chains) == {
+        WEB_EP1: ("ip saddr 10.180.0.1 jump mark-for-masquerade",
+                  "meta l4proto tcp dnat to 10.180.0.1:80"),
+        WEB_CHAIN: ("ip daddr 172.30.0.41 tcp dport 80 ip saddr != 10.0.0.0/8 "
+                    "jump mark-for-masquerade",
+                    f"numgen random mod 1 vmap {{ 0 : goto {WEB_EP1} }}"),
+    }
+    assert [e.text(4) for e in render.elements] == [
+        f"ip kube-proxy service-ips {{ 172.30.0.41 . tcp . 80 : goto {WEB_CHAIN} }}"]
+    assert render.cluster_ip == "172.30.0.41"
+
+
+def test_external_traffic_policy_local_golden() -> None:
+    cfg = R.FamilyConfig(4, local=R.LocalDetector.for_cidrs(4, ["10.0.0.0/8"]),
+                         node_ip="192.168.0.2")
+    port = svc(key("ns2", "svc2"), "172.30.0.42", endpoints=[ep("10.180.0.2", local=True),
+                                                              ep("10.180.0.3")],
+               node_port=3001, load_balancer_ips=("1.2.3.4",),
+               load_balancer_source_ranges=("192.168.0.0/24",), external_policy_local=True)
+    render = R.render_port(port, cfg)
+    base = "42NFTM6N-ns2/svc2/tcp/p80"
+    assert render.chains[f"external-{base}"] == (
+        f'ip saddr 10.0.0.0/8 goto service-{base} comment "short-circuit pod traffic"',
+        'fib saddr type local jump mark-for-masquerade comment "masquerade local traffic"',
+        f'fib saddr type local goto service-{base} comment "short-circuit local traffic"',
+        f"goto local-{base}",
+    )
+    # The node is inside the source ranges: the LB IP is allowed too (hairpin via the VIP).
+    assert render.chains[f"firewall-{base}"] == (
+        "ip saddr != { 192.168.0.0/24, 1.2.3.4 } drop",)
+    assert render.chains[f"local-{base}"][-1].startswith("numgen random mod 1 vmap")
+    assert [e.text(4) for e in render.elements] == [
+        f"ip kube-proxy service-ips {{ 172.30.0.42 . tcp . 80 : goto service-{base} }}",
+        f"ip kube-proxy service-ips {{ 1.2.3.4 . tcp . 80 : goto external-{base} }}",
+        f'ip kube-proxy firewall-ips {{ 1.2.3.4 . tcp . 80 comment "ns2/svc2:p80" '
+        f": goto firewall-{base} }}",
+        f"ip kube-proxy service-nodeports {{ tcp . 3001 : goto external-{base} }}",
+    ]
+
+
+def test_no_endpoints_reject_and_no_local_endpoints_drop() -> None:
+    cfg = R.FamilyConfig(4)
+    none = R.render_port(svc(WEB, "172.30.0.41", node_port=30001,
+                             external_ips=("192.0.2.1",)), cfg)
+    assert dict(none.chains) == {}
+    assert [e.text(4) for e in none.elements] == [
+        'ip kube-proxy no-endpoint-services { 172.30.0.41 . tcp . 80 comment "ns1/svc1:p80" '
+        ": goto reject-chain }",
+        'ip kube-proxy no-endpoint-services { 192.0.2.1 . tcp . 80 comment "ns1/svc1:p80" '
+        ": goto reject-chain }",
+        'ip kube-proxy no-endpoint-nodeports { tcp . 30001 comment "ns1/svc1:p80" '
+        ": goto reject-chain }",
+    ]
+    remote_only = R.render_port(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.9")],
+                                    node_port=30001, external_policy_local=True), cfg)
+    texts = [e.text(4) for e in remote_only.elements]
+    assert 'ip kube-proxy no-endpoint-nodeports { tcp . 30001 comment "ns1/svc1:p80" : drop }' \
+        in texts
+    ext = remote_only.chains["external-ULMVA6XW-ns1/svc1/tcp/p80"]
+    assert not any(rule.startswith("goto ") for rule in ext), "no fallthrough without endpoints"
+
+
+def test_internal_traffic_policy_local_without_local_endpoints_drops() -> None:
+    render = R.render_port(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.9")],
+                               internal_policy_local=True), R.FamilyConfig(4))
+    assert [e.text(4) for e in render.elements] == [
+        'ip kube-proxy no-endpoint-services { 172.30.0.41 . tcp . 80 comment "ns1/svc1:p80" '
+        ": drop }"]
+
+
+def test_ipv6_names_and_dnat() -> None:
+    k = key("ns1", "svc1", family=6)
+    render = R.render_port(svc(k, "fd00::41", endpoints=[ep("fd00:10::1")]),
+                           R.FamilyConfig(6, masquerade_all=True))
+    chain = next(c for c in render.chains if c.startswith("endpoint-"))
+    assert chain.endswith("-ns1/svc1/tcp/p80__fd00.10..1/80")
+    assert render.chains[chain] == ("ip6 saddr fd00:10::1 jump mark-for-masquerade",
+                                    "meta l4proto tcp dnat to [fd00:10::1]:80")
+    assert render.chains[WEB_CHAIN.replace("ULMVA6XW", R.chain_name_base(k.name)[:8])][0] == (
+        "ip6 daddr fd00::41 tcp dport 80 jump mark-for-masquerade")
+
+
+def test_setup_golden() -> None:
+    lines = R.setup_lines(R.FamilyConfig(4, nodeport_ips=None))
+    assert lines[0] == 'add table ip kube-proxy { comment "rules for kube-proxy" ; }'
+    assert "add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority -100 ; }" \
+        in lines
+    assert "add rule ip kube-proxy nat-prerouting jump services" in lines
+    assert "add rule ip kube-proxy filter-input ct state new jump nodeport-endpoints-check" \
+        in lines
+    assert ("add rule ip kube-proxy services fib daddr type local ip daddr != 127.0.0.0/8 "
+            "meta l4proto . th dport vmap @service-nodeports") in lines
+    assert ("add rule ip kube-proxy masquerading mark and 0x004000 == 0 return") in lines
+    with_set = R.setup_lines(R.FamilyConfig(4, nodeport_ips=("10.99.0.1",)))
+    assert ("add rule ip kube-proxy services ip daddr @nodeport-ips meta l4proto . th dport "
+            "vmap @service-nodeports") in with_set
+
+
+def _targets(lines: list[str]) -> tuple[set[str], set[str]]:
+    declared = {m[1] for line in lines for m in [re.match(r"add chain ip kube-proxy (\S+)", line)]
+                if m}
+    used = set(re.findall(r"(?:goto|jump) ([\w./-]+)", "\n".join(lines)))
+    return declared, used
+
+
+def test_full_transaction_is_consistent(recorder: Recorder) -> None:
+    d = Driver()
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1"), ep("10.180.0.2")],
+               node_port=30080, session_affinity_timeout=60),
+           svc(key("ns2", "empty"), "172.30.0.50"), full=True)
+    (lines,) = recorder.transactions
+    declared, used = _targets(lines)
+    assert used - declared == set(), "every goto/jump target is declared in the transaction"
+    assert ("add set ip kube-proxy affinity-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 "
+            "{ type ipv4_addr ; flags dynamic,timeout ; timeout 60s ; }") in lines
+    assert "flush map ip kube-proxy service-ips" in lines
+    assert "add element ip kube-proxy nodeport-ips { 10.99.0.1 }" in lines
+
+
+def test_partial_sync_touches_only_the_changed_port(recorder: Recorder) -> None:
+    d = Driver()
+    other = svc(key("ns2", "other"), "172.30.0.50", endpoints=[ep("10.180.0.7")])
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")]), other, full=True)
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1"), ep("10.180.0.2")]), other)
+    ep2 = "endpoint-2ZNDXFAB-ns1/svc1/tcp/p80__10.180.0.2/80"
+    assert R.ENDPOINT_PREFIX + R.endpoint_chain_base(WEB.name, ep("10.180.0.2")) == ep2
+    assert recorder.transactions[-1] == [
+        f"add chain ip kube-proxy {ep2}",
+        f"flush chain ip kube-proxy {WEB_CHAIN}",
+        f"add rule ip kube-proxy {ep2} ip saddr 10.180.0.2 jump mark-for-masquerade",
+        f"add rule ip kube-proxy {ep2} meta l4proto tcp dnat to 10.180.0.2:80",
+        f"add rule ip kube-proxy {WEB_CHAIN} ip daddr 172.30.0.41 tcp dport 80 "
+        "ip saddr != 10.0.0.0/8 jump mark-for-masquerade",
+        f"add rule ip kube-proxy {WEB_CHAIN} numgen random mod 2 vmap "
+        f"{{ 0 : goto {WEB_EP1}, 1 : goto {ep2} }}",
+    ]
+    # Removing the endpoint again deletes its chain after the service chain stops using it.
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")]), other)
+    last = recorder.transactions[-1]
+    assert last[0] == f"flush chain ip kube-proxy {WEB_CHAIN}"
+    assert last[-1] == f"delete chain ip kube-proxy {ep2}"
+    assert not any("other" in line for line in last)
+
+
+def test_removing_a_service_cleans_everything_and_keeps_shared_cluster_ip(
+        recorder: Recorder) -> None:
+    d = Driver()
+    p80 = svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")], session_affinity_timeout=60)
+    p443 = svc(key("ns1", "svc1", "p443"), "172.30.0.41", 443, endpoints=[ep("10.180.0.1", 443)])
+    d.sync(p80, p443, full=True)
+    d.sync(p443)
+    last = recorder.transactions[-1]
+    assert "delete element ip kube-proxy service-ips { 172.30.0.41 . tcp . 80 }" in last
+    assert f"delete chain ip kube-proxy {WEB_CHAIN}" in last
+    assert f"delete chain ip kube-proxy {WEB_EP1}" in last
+    assert ("delete set ip kube-proxy affinity-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
+            in last)
+    assert last.index(f"flush chain ip kube-proxy {WEB_EP1}") < last.index(
+        "delete set ip kube-proxy affinity-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80")
+    assert not any("cluster-ips" in line for line in last), "p443 still uses the ClusterIP"
+    d.sync()
+    assert ("delete element ip kube-proxy cluster-ips { 172.30.0.41 }"
+            in recorder.transactions[-1])
+
+
+def test_affinity_timeout_change_recreates_sets(recorder: Recorder) -> None:
+    d = Driver()
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")], session_affinity_timeout=60),
+           full=True)
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")], session_affinity_timeout=30))
+    last = recorder.transactions[-1]
+    aff = "affinity-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
+    assert last.index(f"flush chain ip kube-proxy {WEB_EP1}") < last.index(
+        f"delete set ip kube-proxy {aff}") < last.index(
+        f"add set ip kube-proxy {aff} {{ type ipv4_addr ; flags dynamic,timeout ; "
+        "timeout 30s ; }")
+
+
+def test_full_sync_deletes_stale_listed_objects() -> None:
+    cfg = R.FamilyConfig(4)
+    plan = full_plan(cfg, [], {"service-OLD-ns/gone/tcp/p"}, {"affinity-OLD-x/y/tcp/p__a/1": 60})
+    lines = plan.lines()
+    assert lines[-1] == "delete chain ip kube-proxy service-OLD-ns/gone/tcp/p"
+    assert "delete set ip kube-proxy affinity-OLD-x/y/tcp/p__a/1" in lines
+
+
+def test_old_kernels_defer_chain_deletion(recorder: Recorder) -> None:
+    d = Driver()
+    d.proxier.delete_at_once = False
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")]), full=True)
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.2")]))
+    assert not any(line.startswith("delete chain") for line in recorder.transactions[-1])
+    assert f"flush chain ip kube-proxy {WEB_EP1}" in recorder.transactions[-1]
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.2")], node_port=30001))
+    assert f"delete chain ip kube-proxy {WEB_EP1}" in recorder.transactions[-1]
+
+
+def test_settings() -> None:
+    s = Settings(context({"nodePortAddresses": ("0.0.0.0/0",)}).config)
+    assert s.nodeport_ips(4, view(), None) is None
+    assert Settings(context({}).config).nodeport_ips(4, view(), None) == ("10.99.0.1",)
+    s = Settings(context({"nodePortAddresses": ("10.99.0.0/24",)}).config)
+    assert s.nodeport_ips(4, view(), ["10.99.0.1", "192.168.1.1"]) == ("10.99.0.1",)
+    shared = Settings(context({"iptables.masqueradeBit": 5, "iptables.masqueradeAll": True})
+                      .config)
+    assert shared.masquerade_mark == "0x000020" and shared.masquerade_all
+    with pytest.raises(ValueError, match="detectLocalMode"):
+        Settings(context({"detectLocalMode": "Nope"}).config)
+    bridge = Settings(context({"detectLocalMode": "InterfaceNamePrefix",
+                               "detectLocal.interfaceNamePrefix": "veth"}).config)
+    assert bridge.local_detector(4) == R.LocalDetector('iifname "veth*"', 'iifname != "veth*"')
