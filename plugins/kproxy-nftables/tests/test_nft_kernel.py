@@ -41,7 +41,8 @@ FENCED = svc(key("default", "fenced", "http"), "10.96.0.15", 80,
              endpoints=[ep(REMOTE, 8080)])
 BASE = (WEB, DNS, LOCAL, EMPTY, STICKY, HAIRPIN, FENCED)
 
-OTHER_TABLE = "table ip other-agent {\n chain pre {\n  type nat hook prerouting priority 0;\n }\n}\n"
+OTHER_TABLE = ("table ip other-agent {\n chain pre {\n  type nat hook prerouting priority 0;\n"
+               " }\n}\n")
 
 
 class Env:
