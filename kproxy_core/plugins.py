@@ -95,6 +95,8 @@ class KproxyPluginManager(pluggy.PluginManager):
         self._modes: Registry[ModeSpec] | None = None
         self._algorithms: Registry[AlgorithmSpec] | None = None
         self._sources: Registry[SourceSpec] | None = None
+        #: id(plugin) -> the proxy modes it registered (filled by `modes`)
+        self._modes_by_plugin: dict[int, frozenset[str]] = {}
 
     # -- discovery ---------------------------------------------------------------------------
 
@@ -124,14 +126,20 @@ class KproxyPluginManager(pluggy.PluginManager):
             )
         return sorted(rows, key=lambda row: (row["name"] != "kproxy-core", row["name"]))
 
-    def _collect(self, hook_name: str, registry: Registry[Any]) -> None:
+    def _collect(self, hook_name: str, registry: Registry[Any]) -> dict[int, frozenset[str]]:
+        """Run a registration hook; returns, per plugin (by id), the names it registered."""
         hook = getattr(self.hook, hook_name)
+        by_plugin: dict[int, frozenset[str]] = {}
         for impl in hook.get_hookimpls():
             registry._distribution = self.distribution_of(impl.plugin)
+            before = set(registry.names())
             try:
                 impl.function(register=registry)
             finally:
                 registry._distribution = ""
+            added = frozenset(registry.names()) - before
+            by_plugin[id(impl.plugin)] = by_plugin.get(id(impl.plugin), frozenset()) | added
+        return by_plugin
 
     # -- typed facade --------------------------------------------------------------------------
 
@@ -146,7 +154,7 @@ class KproxyPluginManager(pluggy.PluginManager):
     def modes(self) -> Registry[ModeSpec]:
         if self._modes is None:
             self._modes = Registry("proxy mode")
-            self._collect("kproxy_register_modes", self._modes)
+            self._modes_by_plugin = self._collect("kproxy_register_modes", self._modes)
         return self._modes
 
     def algorithms(self) -> Registry[AlgorithmSpec]:
@@ -175,9 +183,25 @@ class KproxyPluginManager(pluggy.PluginManager):
         self, config: ConfigView, keep_mode: str | None, logger: logging.Logger
     ) -> list[str]:
         """Broadcast cleanup to every plugin. One plugin failing does not stop the others; its
-        error is logged and reported as a line starting with ``error:``."""
+        error is logged and reported as a line starting with ``error:``.
+
+        At start-up (``keep_mode`` set), a plugin registering another of the
+        `SHARED_CHAIN_MODES` is not asked: its cleanup would delete the KUBE-SERVICES jumps and
+        chains ``keep_mode`` already programmed, and traffic would stop until the first sync
+        (upstream's platformCleanup skips it the same way). Enforced here so that no plugin
+        has to remember it.
+        """
+        from kproxy_core.kernel.iptables import SHARED_CHAIN_MODES
+
         removed: list[str] = []
+        sharing = SHARED_CHAIN_MODES - {keep_mode} if keep_mode in SHARED_CHAIN_MODES else set()
+        if sharing:
+            self.modes()
         for impl in reversed(self.hook.kproxy_cleanup.get_hookimpls()):
+            if sharing and self._modes_by_plugin.get(id(impl.plugin), frozenset()) & sharing:
+                logger.debug("start-up cleanup: skipping %s (shares iptables chains with %s)",
+                             self.distribution_of(impl.plugin), keep_mode)
+                continue
             try:
                 lines = cast(
                     "list[str] | None",
