@@ -1,0 +1,106 @@
+"""nftables mode at scale, in a fresh network namespace (prints numbers; asserts nothing).
+
+    python benchmarks/nftables_bench.py [--sizes 1000,5000,10000] [--changes 5]
+
+Per size N (N ClusterIP services x 5 endpoints, from an empty namespace): the first full sync
+(wall time, time inside ``nft``, statements sent), then one-endpoint changes (partial syncs:
+median and max wall time, statements sent), a second full sync (the periodic resync, which
+lists chain/set names once), and the process's peak RSS (``ru_maxrss`` of the forked child
+that ran the proxier, which starts as a copy of this process: the baseline is printed too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "plugins", "kproxy-nftables",
+                                "tests"))
+
+from nft_helpers import context, ep, key, svc
+
+from kproxy_core.backend import SyncRequest
+from kproxy_core.model import NodeView, ResolvedServicePort
+from kproxy_core.testing.innetns import in_netns
+from kproxy_core.testing.netns import Sandbox
+
+ENDPOINTS = 5
+
+
+def make_port(i: int, bump: int = 0) -> ResolvedServicePort:
+    cip = f"10.96.{i // 250}.{i % 250 + 1}"
+    eps = [ep(f"10.{244 + (i * ENDPOINTS + j) // 62500}.{(i * ENDPOINTS + j) // 250 % 250}."
+              f"{(i * ENDPOINTS + j) % 250 + 1}", 8080) for j in range(ENDPOINTS)]
+    if bump:
+        eps[-1] = ep(f"10.250.0.{bump}", 8080)
+    return svc(key("bench", f"s{i}", "http"), cip, 80, endpoints=eps)
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench(n: int, changes: int) -> dict[str, Any]:
+    from kproxy_nftables.proxier import NftablesProxier
+
+    logging.disable(logging.CRITICAL)
+    baseline = rss_mb()
+    proxier = NftablesProxier(context({"clusterCIDR": ("10.244.0.0/14",)}))
+    ports = {p.key: p for p in (make_port(i) for i in range(n))}
+    start = time.perf_counter()
+    result = proxier.sync(SyncRequest(view=NodeView("node", ("10.99.0.1",), "", dict(ports)),
+                                      changed=frozenset(ports), full=True))
+    out: dict[str, Any] = {"full_s": time.perf_counter() - start,
+                           "full_nft_s": result.external_seconds,
+                           "full_statements": len(proxier.last_transaction)}
+    times = []
+    statements = []
+    for c in range(changes):
+        i = (n // 2 + c * 7) % n
+        new = make_port(i, bump=c + 1)
+        old = ports[new.key]
+        ports[new.key] = new
+        request = SyncRequest(view=NodeView("node", ("10.99.0.1",), "", dict(ports)),
+                              changed=frozenset({new.key}), full=False,
+                              previous={new.key: old})
+        start = time.perf_counter()
+        proxier.sync(request)
+        times.append(time.perf_counter() - start)
+        statements.append(len(proxier.last_transaction))
+    out.update(partial_median_s=statistics.median(times), partial_max_s=max(times),
+               partial_statements=max(statements))
+    start = time.perf_counter()
+    result = proxier.sync(SyncRequest(view=NodeView("node", ("10.99.0.1",), "", dict(ports)),
+                                      changed=frozenset(), full=True))
+    out.update(resync_s=time.perf_counter() - start, resync_nft_s=result.external_seconds,
+               baseline_rss_mb=baseline, peak_rss_mb=rss_mb())
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,5000,10000")
+    parser.add_argument("--changes", type=int, default=5)
+    args = parser.parse_args()
+    print(f"{'services':>8} {'full s':>8} {'(nft s)':>8} {'stmts':>7} {'1-ep med ms':>11} "
+          f"{'max ms':>7} {'stmts':>5} {'resync s':>8} {'(nft s)':>8} {'rss MB':>7} "
+          f"{'base MB':>7}")
+    for n in (int(s) for s in args.sizes.split(",")):
+        with Sandbox() as sandbox:
+            ns = sandbox.netns("nftbench")
+            r = in_netns(ns.name, lambda n=n: bench(n, args.changes), timeout=1800)
+        print(f"{n:>8} {r['full_s']:>8.2f} {r['full_nft_s']:>8.2f} {r['full_statements']:>7} "
+              f"{r['partial_median_s'] * 1000:>11.1f} {r['partial_max_s'] * 1000:>7.1f} "
+              f"{r['partial_statements']:>5} {r['resync_s']:>8.2f} {r['resync_nft_s']:>8.2f} "
+              f"{r['peak_rss_mb']:>7.0f} {r['baseline_rss_mb']:>7.0f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
