@@ -12,6 +12,7 @@ that ran the proxier, which starts as a copy of this process: the baseline is pr
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import resource
@@ -39,7 +40,8 @@ def make_port(i: int, bump: int = 0) -> ResolvedServicePort:
               f"{(i * ENDPOINTS + j) % 250 + 1}", 8080) for j in range(ENDPOINTS)]
     if bump:
         eps[-1] = ep(f"10.250.0.{bump}", 8080)
-    return svc(key("bench", f"s{i}", "http"), cip, 80, endpoints=eps)
+    port: ResolvedServicePort = svc(key("bench", f"s{i}", "http"), cip, 80, endpoints=eps)
+    return port
 
 
 def rss_mb() -> float:
@@ -94,7 +96,7 @@ def main() -> int:
     for n in (int(s) for s in args.sizes.split(",")):
         with Sandbox() as sandbox:
             ns = sandbox.netns("nftbench")
-            r = in_netns(ns.name, lambda n=n: bench(n, args.changes), timeout=1800)
+            r = in_netns(ns.name, functools.partial(bench, n, args.changes), timeout=1800)
         print(f"{n:>8} {r['full_s']:>8.2f} {r['full_nft_s']:>8.2f} {r['full_statements']:>7} "
               f"{r['partial_median_s'] * 1000:>11.1f} {r['partial_max_s'] * 1000:>7.1f} "
               f"{r['partial_statements']:>5} {r['resync_s']:>8.2f} {r['resync_nft_s']:>8.2f} "
