@@ -32,7 +32,7 @@ from kproxy_core.testing.netns import CLUSTER_CIDR, ClusterSandbox, NetNS, Pod
 
 T = TypeVar("T")
 
-MODES = ("iptables", "userspace", "ipvs")
+MODES = ("iptables", "userspace", "ipvs", "nftables")
 HEALTHZ = "127.0.0.1:10256"
 METRICS = "127.0.0.1:10249"
 #: How long a change may take to show in traffic: manifest/watch delivery, the min sync
@@ -41,7 +41,7 @@ CONVERGE_TIMEOUT = 20.0
 
 #: Kernel modes preserve the client address with externalTrafficPolicy Local; userspace
 #: terminates connections, so the endpoint always sees a node address (as upstream's did).
-PRESERVES_CLIENT_IP = {"iptables": True, "ipvs": True, "userspace": False}
+PRESERVES_CLIENT_IP = {"iptables": True, "ipvs": True, "nftables": True, "userspace": False}
 
 _ips = itertools.count(20)
 
