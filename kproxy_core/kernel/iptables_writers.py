@@ -86,6 +86,8 @@ class RuleWriter(Protocol):
 
     def restore(self, data: RestoreData, *, noflush: bool = True) -> float: ...
 
+    def restore_sections(self, parts: Sequence[RestoreData]) -> float: ...
+
     def save(self, table: str) -> str: ...
 
     def chain_exists(self, table: str, chain: str) -> bool: ...
@@ -379,6 +381,20 @@ class RestoreWriter(_CommandWriter):
             return 0.0
         return self.restore_text(data.render(), noflush=noflush)
 
+    def restore_sections(self, parts: Sequence[RestoreData]) -> float:
+        """Apply ``parts`` in order, each its own ``COMMIT`` (kernel transaction), through one
+        ``--noflush`` restore process. The tool stops at the first failing section; earlier
+        ones stay applied (see `kproxy_iptables.rules.assemble_sections` for why a caller
+        wants this on nf_tables)."""
+        return self.restore_text(_render_sections(parts, self.family))
+
+
+def _render_sections(parts: Sequence[RestoreData], family: int) -> str:
+    for data in parts:
+        if data.family != family:
+            raise ValueError(f"IPv{data.family} rules given to an IPv{family} writer")
+    return "".join(data.render() for data in parts if not data.is_empty())
+
 
 # --------------------------------------------------------------------------------------------
 # libiptc (python-iptables)
@@ -607,6 +623,10 @@ class LibiptcWriter(_CommandWriter):
         if data.is_empty():
             return 0.0
         return self.restore_text(data.render(), noflush=noflush)
+
+    def restore_sections(self, parts: Sequence[RestoreData]) -> float:
+        """Apply ``parts`` in order, one libiptc commit per table section."""
+        return self.restore_text(_render_sections(parts, self.family))
 
     def restore_text(self, text: str, *, noflush: bool = True) -> float:
         """Apply iptables-restore text through libiptc."""

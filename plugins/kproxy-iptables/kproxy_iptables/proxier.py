@@ -24,6 +24,7 @@ from kproxy_core.backend import (
     SyncRequest,
     SyncResult,
 )
+from kproxy_core.kernel.iptables import RestoreData
 from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey
 from kproxy_iptables import rules as R
 
@@ -206,10 +207,13 @@ class IptablesProxier(Backend):
         )
 
     def plan(self, request: SyncRequest, family: int, *, full: bool,
-             existing_nat_chains: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
+             existing_nat_chains: Sequence[str] = (),
+             sections: bool = False) -> tuple[Any, dict[str, Any]]:
         """Build the transaction for ``family`` without touching the kernel.
 
-        Returns (RestoreData, bookkeeping to commit with `_commit` once it was applied).
+        Returns (RestoreData, bookkeeping to commit with `_commit` once it was applied). With
+        ``sections`` (the nf_tables backend), a full sync is a list of RestoreData applied in
+        order instead: see `rules.assemble_sections`.
         """
         st = self._state[family]
         services = request.view.family(family)  # type: ignore[arg-type]
@@ -219,6 +223,7 @@ class IptablesProxier(Backend):
             full = True
         changed = {k for k in request.changed if k.family == family}
         rendered: dict[ServicePortKey, R.ServiceRules] = {}
+        data: RestoreData | list[RestoreData]
         cache_ok = cfg == st.cfg
         for key, port in services.items():
             old = st.rendered.get(key) if cache_ok else None
@@ -230,8 +235,12 @@ class IptablesProxier(Backend):
             active = {c for r in rendered.values() for c in r.chains}
             delete = sorted(c for c in existing_nat_chains
                             if R.is_service_chain(c) and c not in active)
-            data = R.assemble(rendered, cfg, delete_chains=delete)
-            R.canary(data)
+            if sections:
+                data = R.assemble_sections(rendered, cfg, delete_chains=delete)
+            else:
+                single = R.assemble(rendered, cfg, delete_chains=delete)
+                R.canary(single)
+                data = single
             written = set(rendered)
         else:
             delete_set: set[str] = set()
@@ -279,21 +288,29 @@ class IptablesProxier(Backend):
                 if family_full:
                     self._ensure_jumps(writer, family)
                     existing = _chains_in(writer.save("nat"))
+                sections = writer.backend == "nft"
                 data, book = self.plan(request, family, full=family_full,
-                                       existing_nat_chains=existing)
+                                       existing_nat_chains=existing, sections=sections)
                 if book["full"] and not family_full:
                     # Settings changed under a partial sync: stale chains need a listing.
                     self._ensure_jumps(writer, family)
                     data, book = self.plan(request, family, full=True,
-                                           existing_nat_chains=_chains_in(writer.save("nat")))
-                external += writer.restore(data)
+                                           existing_nat_chains=_chains_in(writer.save("nat")),
+                                           sections=sections)
+                if isinstance(data, list):
+                    parts = data
+                    external += writer.restore_sections(parts)
+                else:
+                    parts = [data]
+                    external += writer.restore(data)
                 self._commit(family, book)
-                objects += data.line_count()
-                nat = data.tables.get("nat")
-                flt = data.tables.get("filter")
-                counters[f"ipv{family}_nat_rules"] = len(nat.rules) if nat else 0
-                counters[f"ipv{family}_filter_rules"] = len(flt.rules) if flt else 0
-                counters[f"ipv{family}_nat_chains_deleted"] = len(nat.deleted) if nat else 0
+                objects += sum(part.line_count() for part in parts)
+                nat_tables = [p.tables["nat"] for p in parts if "nat" in p.tables]
+                flt_tables = [p.tables["filter"] for p in parts if "filter" in p.tables]
+                counters[f"ipv{family}_nat_rules"] = sum(len(t.rules) for t in nat_tables)
+                counters[f"ipv{family}_filter_rules"] = sum(len(t.rules) for t in flt_tables)
+                counters[f"ipv{family}_nat_chains_deleted"] = sum(
+                    len(t.deleted) for t in nat_tables)
         except RestoreError:
             self._force_full = True
             raise

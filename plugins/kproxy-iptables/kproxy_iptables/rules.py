@@ -534,6 +534,95 @@ def assemble(rendered: Mapping[ServicePortKey, ServiceRules], cfg: RenderConfig,
     return data
 
 
+# --------------------------------------------------------------------------------------------
+# Full syncs on the nf_tables backend: several bounded transactions
+# --------------------------------------------------------------------------------------------
+
+#: Most per-service chains one nf_tables section declares (see `assemble_sections`).
+NFT_SECTION_CHAINS = 1500
+
+
+def _service_order(rendered: Mapping[ServicePortKey, ServiceRules]
+                   ) -> dict[ServicePortKey, ServiceRules]:
+    """``rendered`` by descending chain-name hash (see `assemble_sections` for why)."""
+    return dict(sorted(rendered.items(),
+                       key=lambda item: item[1].chains[0][-16:] if item[1].chains else "",
+                       reverse=True))
+
+
+def assemble_sections(rendered: Mapping[ServicePortKey, ServiceRules], cfg: RenderConfig, *,
+                      delete_chains: Iterable[str] = (),
+                      section_chains: int = NFT_SECTION_CHAINS) -> list[RestoreData]:
+    """A full sync as several ``*nat ... COMMIT`` sections, for ``iptables-nft-restore``.
+
+    Why: iptables-nft-restore 1.8.x (``nft_cache_level_set`` in iptables/nft-cache.c) keeps,
+    per section, a list of every chain name a command names (the chain and the ``-j`` chain),
+    sorted by ``strcmp`` and filled by insertion that walks it from the head. A command costs
+    one ``strcmp`` (a cache miss) per listed name that sorts before its own. Every rule of a
+    KUBE-SVC-* chain names a KUBE-SEP-* chain, and all SEP names sort before all SVC names, so
+    one transaction holding the whole table costs (SVC rules) x (SEP chains): quadratic, 5
+    minutes at 10k services x 5 endpoints. No command order avoids it inside one section; the
+    list is reset at each COMMIT, so the work is split instead:
+
+    1. KUBE-MARK-MASQ (the only outside chain service chains jump to), so it exists;
+    2. the per-service chains, whole services at a time, at most ``section_chains`` chains
+       per section. Each service's chains are flushed and refilled in one kernel
+       transaction, so a live service is never seen half written; a new service's chains are
+       not reachable yet;
+    3. every top-level chain (nat and filter) and the canaries, in one transaction, so the
+       switch to the new service set is atomic as upstream's. Its KUBE-SERVICES rules are
+       ordered by descending chain name so that each jump target sorts first in the list;
+    4. stale chains, which the new top level no longer references: flushed, then deleted
+       (``-X``), in bounded sections of their own.
+
+    A failure part-way leaves earlier sections applied and the proxier forces another full
+    sync, as after any failed restore. Only the nf_tables backend needs this: the legacy
+    backend rewrites the whole table blob at each COMMIT, so it keeps one transaction.
+    """
+    if section_chains < 1:
+        raise ValueError(f"section_chains must be at least 1, not {section_chains}")
+    ordered = _service_order(rendered)
+    scratch = RestoreData(cfg.family)
+    render_top_level(scratch, cfg)
+    lead = RestoreData(cfg.family)
+    lead_nat = lead.table("nat")
+    lead_nat.chain(KUBE_MARK_MASQ)
+    lead_nat.raw_rules(r for r in scratch.table("nat").rules
+                       if r.startswith(f"-A {KUBE_MARK_MASQ} "))
+    parts = [lead]
+    current: RestoreData | None = None
+    count = 0
+    for r in ordered.values():
+        if not r.chains:
+            continue
+        if current is None or (count and count + len(r.chains) > section_chains):
+            current = RestoreData(cfg.family)
+            parts.append(current)
+            count = 0
+        nat = current.table("nat")
+        for chain in r.chains:
+            nat.chain(chain)
+        nat.raw_rules(r.chain_rules)
+        count += len(r.chains)
+    top = assemble(ordered, cfg, write_chains_for=())
+    canary(top)
+    parts.append(top)
+    # Stale chains may jump to each other (EXT -> SVC -> SEP): all are flushed before any
+    # is deleted, so the ``-X`` sections need no order.
+    stale = sorted(set(delete_chains) - set(top.table("nat").chains), reverse=True)
+    batches = [stale[i:i + section_chains] for i in range(0, len(stale), section_chains)]
+    for batch in batches:
+        flush = RestoreData(cfg.family)
+        for chain in batch:
+            flush.table("nat").chain(chain)
+        parts.append(flush)
+    for batch in batches:
+        remove = RestoreData(cfg.family)
+        remove.table("nat").deleted.extend(batch)
+        parts.append(remove)
+    return parts
+
+
 def render_all(services: Mapping[ServicePortKey, ResolvedServicePort],
                cfg: RenderConfig) -> RestoreData:
     """Convenience for tests and benchmarks: a full-sync transaction for ``services``."""

@@ -36,11 +36,16 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSandbox]:
                             "--metrics-bind-address=127.0.0.1:10249"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
+        # /healthz answers 200 before the first sync (as upstream's): wait for a sync in
+        # the metrics instead, else the first SYN can beat the rules and stick in conntrack.
         while time.monotonic() < deadline:
             probe = cluster.node.run([sys.executable, "-c", (
                 "import urllib.request,sys;"
-                "sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:10256/healthz')"
-                ".status == 200 else 1)")], check=False)
+                "text=urllib.request.urlopen('http://127.0.0.1:10249/metrics').read().decode();"
+                "sys.exit(0 if any(line.startswith("
+                "'kubeproxy_sync_proxy_rules_last_timestamp_seconds ') and "
+                "float(line.split()[1]) > 0 for line in text.splitlines()) else 1)")],
+                check=False)
             if probe.returncode == 0:
                 break
             time.sleep(0.3)
