@@ -138,6 +138,9 @@ class Node:
     addresses: tuple[str, ...] = ()
     #: Label ``topology.kubernetes.io/zone`` (compared; labels as a whole are not).
     zone: str = ""
+    #: ``spec.podCIDRs`` (``spec.podCIDR`` on old objects): what detectLocalMode NodeCIDR
+    #: treats as local pod traffic.
+    pod_cidrs: tuple[str, ...] = ()
     #: ``metadata.deletionTimestamp`` is set: /healthz reports unhealthy, like upstream.
     deleting: bool = False
     resource_version: str = attrs.field(default="", eq=False)
@@ -255,6 +258,9 @@ class NodeView:
     node_ips: tuple[str, ...]
     zone: str
     services: Mapping[ServicePortKey, ResolvedServicePort] = attrs.field(eq=False)
+    #: This node's pod CIDRs from the Node object (both families), for detectLocalMode
+    #: NodeCIDR.
+    pod_cidrs: tuple[str, ...] = ()
 
     def family(self, family: IPFamily) -> dict[ServicePortKey, ResolvedServicePort]:
         return {k: v for k, v in self.services.items() if k.family == family}

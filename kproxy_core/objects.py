@@ -548,10 +548,15 @@ def parse_node(obj: Mapping[str, Any]) -> Node:
     for ip in (*internal, *external):
         if ip not in addresses:
             addresses.append(ip)
+    spec = r.mapping(obj, "spec", "spec")
+    raw_cidrs = r.seq(spec, "podCIDRs", "spec.podCIDRs") or (
+        [spec["podCIDR"]] if spec.get("podCIDR") else [])
+    pod_cidrs = tuple(r.cidr(cidr, f"spec.podCIDRs[{i}]") for i, cidr in enumerate(raw_cidrs))
     return Node(
         name=r.name,
         labels=labels,
         addresses=tuple(addresses),
+        pod_cidrs=pod_cidrs,
         zone=labels.get(LABEL_ZONE, ""),
         deleting=meta.get("deletionTimestamp") is not None,
         resource_version=r.string(meta, "resourceVersion", "metadata.resourceVersion"),

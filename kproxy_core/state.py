@@ -111,6 +111,7 @@ class ProxyState:
         self._trigger_times: list[float] = []
         self._snapshot_node_ips: tuple[str, ...] = ()
         self._snapshot_zone = ""
+        self._snapshot_pod_cidrs: tuple[str, ...] = ()
 
         self._service_total = 0
         self._endpoint_total = 0
@@ -203,6 +204,7 @@ class ProxyState:
             view = self._make_view()
             node_changed = (
                 view.node_ips != self._snapshot_node_ips or view.zone != self._snapshot_zone
+                or view.pod_cidrs != self._snapshot_pod_cidrs
             )
             snap = Snapshot(
                 view=view,
@@ -217,6 +219,7 @@ class ProxyState:
             self._trigger_times = []
             self._snapshot_node_ips = view.node_ips
             self._snapshot_zone = view.zone
+            self._snapshot_pod_cidrs = view.pod_cidrs
             return snap
 
     def pending(self) -> tuple[int, int]:
@@ -405,6 +408,7 @@ class ProxyState:
             node_ips=node.addresses if node else (),
             zone=node.zone if node else "",
             services=MappingProxyType(dict(self._resolved)),
+            pod_cidrs=node.pod_cidrs if node else (),
         )
 
     def _notify(self) -> None:

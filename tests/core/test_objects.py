@@ -524,3 +524,25 @@ def test_node_invalid_address() -> None:
     assert (
         str(info.value) == "Node n1: status.addresses[0].address: 'bogus' is not a valid IP address"
     )
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({}, ()),
+        ({"podCIDR": "10.244.1.0/24"}, ("10.244.1.0/24",)),
+        ({"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24", "fd00:1::/64"]},
+         ("10.244.1.0/24", "fd00:1::/64")),
+    ],
+)
+def test_node_pod_cidrs(spec: dict[str, Any], expected: tuple[str, ...]) -> None:
+    obj = node()
+    obj["spec"] = spec
+    assert parse_node(obj).pod_cidrs == expected
+
+
+def test_node_invalid_pod_cidr_names_the_field() -> None:
+    obj = node()
+    obj["spec"] = {"podCIDRs": ["10.244.1.0/24", "nope"]}
+    with pytest.raises(InvalidObject, match=r"spec.podCIDRs\[1\]: 'nope' is not a valid CIDR"):
+        parse_node(obj)

@@ -461,3 +461,14 @@ def test_concurrent_sources_and_snapshots_converge() -> None:
     assert union == {key(f"s{i}") for i in range(20)}
     for i in range(20):
         assert ips(st, f"s{i}") == [f"10.1.29.{i + 1}"]
+
+
+def test_node_pod_cidr_change_reaches_the_view_as_a_node_change() -> None:
+    st, _ = synced_state([svc("a", "10.0.0.1")], [])
+    st.upsert("Node", node())
+    assert st.take_snapshot().view.pod_cidrs == ()
+    with_cidr = node()
+    with_cidr["spec"] = {"podCIDRs": ["10.244.1.0/24"]}
+    st.upsert("Node", with_cidr)
+    snap = st.take_snapshot()
+    assert snap.node_changed and snap.view.pod_cidrs == ("10.244.1.0/24",)
