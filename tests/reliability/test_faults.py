@@ -289,9 +289,11 @@ def test_xtables_lock_held_by_another_process(fc: FaultCluster) -> None:
     try:
         held = time.monotonic()
         c.apply(service_obj("b", b), endpoint_slice_obj("b", c.eps("pod-2-2")))
-        # iptables waits 5 s (-w 5) for the lock; held longer, the restore fails.
+        # iptables waits 5 s (-w 5) for the lock; held longer, the sync fails. Up to three
+        # lock waits precede the failure (canary check, chain check, -N), hence the timeout.
         eventually("a sync failed on the lock",
-                   lambda: c.metric("kproxy_sync_errors_total") >= 1, timeout=15)
+                   lambda: c.metric("kproxy_sync_errors_total") >= 1, timeout=40)
+        first_error = time.monotonic() - held
         alive(c)
         assert answered(c.send(client, a, 80)[0])
     finally:
@@ -301,8 +303,9 @@ def test_xtables_lock_held_by_another_process(fc: FaultCluster) -> None:
         holder.wait(timeout=10)
     released = time.monotonic()
     c.wait_answered_by(client, b, 80, {"pod-2-2"})
-    record(f"[{c.mode}] xtables lock held {released - held:.1f}s: change programmed "
-           f"{time.monotonic() - released:.1f}s after release")
+    record(f"[{c.mode}] xtables lock held {released - held:.1f}s: first sync error after "
+           f"{first_error:.1f}s, change programmed {time.monotonic() - released:.1f}s after "
+           "release")
     assert "-A INPUT -s 192.0.2.9/32 -j ACCEPT" in c.sb.node.run(["iptables-legacy-save"]).stdout
 
 
@@ -395,6 +398,17 @@ def _assert_other_agent_intact(c: FaultCluster, stage: str) -> None:
     saved = c.sb.node.run(["iptables-nft-save"]).stdout
     missing = [line for line in OTHER_LINES if line not in saved]
     assert not missing, f"after {stage}: another agent's rules are gone: {missing}\n{saved}"
+    # Jumps are ensured on every full sync: never twice (a duplicate jump also makes
+    # --cleanup fail with "CHAIN_DEL failed (Device or resource busy)").
+    for tool in ("iptables-nft-save", "ip6tables-nft-save"):
+        table = ""
+        seen: set[tuple[str, str]] = set()
+        for line in c.sb.node.run([tool]).stdout.splitlines():
+            if line.startswith("*"):
+                table = line[1:]
+            elif line.startswith("-A ") and "KUBE-" in line:
+                assert (table, line) not in seen, f"after {stage}: {tool} {table}: twice: {line}"
+                seen.add((table, line))
 
 
 def test_other_agents_rules_survive_every_sync_and_cleanup(fc: FaultCluster) -> None:
