@@ -21,6 +21,7 @@ import glob
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -104,13 +105,15 @@ def run_in_vm(argv: Sequence[str], *, modules: Sequence[str] = (), kernel: str |
     vng_argv = build_vng_argv(argv, kernel=kernel or find_kernel(), modules=modules,
                               cwd=cwd or os.getcwd(), memory=memory, cpus=cpus, kvm=kvm,
                               env=guest_env(env))
+    # Own process group: on timeout QEMU (vng's child) must die too, not linger as an orphan.
+    proc = subprocess.Popen(vng_argv, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        # vng needs a terminal-less stdin; its own tmp files live in TMPDIR.
-        proc = subprocess.run(vng_argv, stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+        return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         print(f"VM command timed out after {timeout:.0f}s", file=sys.stderr)
         return 124
-    return proc.returncode
 
 
 def main(args: Sequence[str] | None = None) -> int:
