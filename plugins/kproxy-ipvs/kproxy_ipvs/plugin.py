@@ -10,6 +10,7 @@ import logging
 
 from kproxy_core import hookimpl
 from kproxy_core.backend import Backend, ConfigView, ModeSpec
+from kproxy_core.kernel.iptables import SHARED_CHAIN_MODES
 from kproxy_core.options import BOOLEAN, CIDR_LIST, DURATION, STRING, Option, OptionRegistry
 from kproxy_core.plugins import Registry
 
@@ -64,7 +65,9 @@ def kproxy_register_modes(register: Registry[ModeSpec]) -> None:
 @hookimpl
 def kproxy_cleanup(config: ConfigView, keep_mode: str | None,
                    logger: logging.Logger) -> list[str]:
-    if keep_mode == MODE:
+    # Starting the iptables mode must not delete the KUBE-* chains both modes use (as
+    # upstream, which only cleans IPVS leftovers on --cleanup or a switch to nftables).
+    if keep_mode == MODE or keep_mode in SHARED_CHAIN_MODES:
         return []
     from kproxy_ipvs.cleanup import cleanup
 
