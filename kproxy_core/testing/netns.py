@@ -221,13 +221,14 @@ class ClusterSandbox(Sandbox):
         self.pods.append(pod)
         return pod
 
-    def start_echo(self, pod: Pod, *, tcp_port: int = 8080, udp_port: int | None = 8080) -> None:
+    def start_echo(self, pod: Pod, *, tcp_port: int = 8080, udp_port: int | None = 8080,
+                   timeout: float = 10) -> None:
         """Start the echo server (`kproxy_core.testing.echo`) in a pod and wait until it listens."""
         args = ["serve", "--name", pod.name, "--tcp", str(tcp_port)]
         if udp_port is not None:
             args += ["--udp", str(udp_port)]
         pod.ns.python("kproxy_core.testing.echo", *args, stdout=subprocess.DEVNULL)
-        wait_for_port(pod.ns, pod.ip, tcp_port)
+        wait_for_port(pod.ns, pod.ip, tcp_port, timeout)
 
 
 def wait_for_port(ns: NetNS, ip: str, port: int, timeout: float = 10) -> None:
