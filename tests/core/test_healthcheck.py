@@ -151,7 +151,16 @@ def test_many_services_share_one_accept_thread(clock: Clock) -> None:
     before = threading.active_count()
     hc = ServiceHealthServer(None, None, addresses=["127.0.0.1"])
     try:
-        ports = {("ns", f"s{i}"): (free_port(), i % 2) for i in range(40)}
+        # Hold all 40 probe sockets open while choosing, so no port is handed out twice.
+        probes = []
+        for _ in range(40):
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            probes.append(probe)
+        chosen = [probe.getsockname()[1] for probe in probes]
+        for probe in probes:
+            probe.close()
+        ports = {("ns", f"s{i}"): (port, i % 2) for i, port in enumerate(chosen)}
         assert hc.sync(ports) == []
         assert threading.active_count() - before <= 1
         for (_ns, name), (port, count) in list(ports.items())[:6]:
