@@ -283,7 +283,8 @@ def test_xtables_lock_held_by_another_process(fc: FaultCluster) -> None:
     c.apply(service_obj("a", a), endpoint_slice_obj("a", c.eps("pod-1-2")))
     client = c.pod("pod-1-3")
     c.wait_answered_by(client, a, 80, {"pod-1-2"})
-    assert "KUBE-SERVICES" in c.sb.node.run(["iptables-legacy-save", "-t", "nat"]).stdout
+    assert ":KUBE-" in c.sb.node.run(["iptables-legacy-save", "-t", "nat"]).stdout, \
+        "kproxy did not pick the legacy backend"
 
     holder = _hold_lock(lock)
     try:
