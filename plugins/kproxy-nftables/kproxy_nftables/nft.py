@@ -69,8 +69,8 @@ def _is_missing(error: NftError) -> bool:
 
 
 def list_names(family: int) -> tuple[set[str], dict[str, int | None]]:
-    """Chain names and set names (with their timeouts) of our table in ``family``; empty
-    when the table does not exist."""
+    """Chain names and set and map names (sets with their timeouts, maps with None) of our
+    table in ``family``; empty when the table does not exist."""
     fam = nft_family(family)
     chains: set[str] = set()
     sets: dict[str, int | None] = {}
@@ -86,6 +86,11 @@ def list_names(family: int) -> tuple[set[str], dict[str, int | None]]:
             if found and found.get("table") == TABLE:
                 timeout = found.get("timeout")
                 sets[str(found["name"])] = int(timeout) if timeout is not None else None
+        out, _ = run_nft(["-j", "-t", "list", "maps", fam])
+        for item in json.loads(out).get("nftables", []):
+            found = item.get("map")
+            if found and found.get("table") == TABLE:
+                sets[str(found["name"])] = None
     except NftError as exc:
         if not _is_missing(exc):
             raise
@@ -197,16 +202,23 @@ def dnat_target(rule: Sequence[Mapping[str, Any]]) -> str | None:
     return None
 
 
-def vmap_targets(rule: Sequence[Mapping[str, Any]]) -> list[str] | None:
-    """The goto targets of a ``numgen random mod N vmap { … }`` rule, else None."""
+def vmap_targets(rule: Sequence[Mapping[str, Any]],
+                 maps: Mapping[str, Mapping[tuple[Any, ...], Mapping[str, Any]]] | None = None,
+                 ) -> list[str] | None:
+    """The goto targets of a ``numgen random mod N vmap { … }`` or ``… vmap @map`` rule
+    (the named map's elements looked up in ``maps``), else None."""
     for expr in rule:
         vmap = expr.get("vmap") if isinstance(expr, Mapping) else None
         if not vmap or "numgen" not in vmap.get("key", {}):
             continue
-        data = vmap["data"]["set"]
+        data = vmap["data"]
+        if isinstance(data, str) and data.startswith("@"):
+            verdicts = list((maps or {}).get(data[1:], {}).values())
+        else:
+            verdicts = [entry[1] for entry in data["set"]]
         targets = []
-        for entry in data:
-            target = goto_target(entry[1])
+        for verdict in verdicts:
+            target = goto_target(verdict)
             if target:
                 targets.append(target)
         return targets

@@ -210,7 +210,8 @@ class NftablesProxier(Backend):
             renders = {key: self.render(port, cfg) for key, port in sorted(ports.items())}
             chains, sets = existing if existing is not None else (set(), {})
             chains = {c for c in chains if R.is_service_chain(c)}
-            sets = {s: t for s, t in sets.items() if R.is_affinity_set(s)}
+            sets = {s: t for s, t in sets.items()
+                    if R.is_affinity_set(s) or R.is_endpoints_map(s)}
             plan = full_plan(cfg, renders.values(), chains, sets,
                              defer_deletes=not self.delete_at_once)
             refs = Counter(r.cluster_ip for r in renders.values() if r.cluster_ip)
@@ -381,7 +382,7 @@ def endpoints_of(table: nft.KernelTable, chain: str) -> set[str]:
         return endpoints_of(table, target) if target else set()
     found: set[str] = set()
     for rule in rules:
-        targets = nft.vmap_targets(rule)
+        targets = nft.vmap_targets(rule, table.maps)
         for target in targets or ():
             for endpoint_rule in table.chains.get(target, ()):
                 dnat = nft.dnat_target(endpoint_rule)

@@ -54,6 +54,13 @@ EXTERNAL_PREFIX = "external-"
 ENDPOINT_PREFIX = "endpoint-"
 AFFINITY_PREFIX = "affinity-"
 FIREWALL_PREFIX = "firewall-"
+#: Named verdict maps behind the service/local chains' ``numgen`` dispatch (see
+#: `render_port`): ``endpoints-HASH-…`` for ``service-HASH-…``, ``local-endpoints-…`` for
+#: ``local-…``.
+ENDPOINTS_MAP_PREFIX = "endpoints-"
+LOCAL_ENDPOINTS_MAP_PREFIX = "local-endpoints-"
+#: Key type of the endpoint maps (nft prints it back the same way).
+ENDPOINTS_MAP_TYPE = "typeof numgen random mod 2 : verdict"
 
 #: The maps whose elements belong to service ports (flushed and refilled on full syncs).
 SERVICE_MAPS = (SERVICE_IPS_MAP, SERVICE_NODEPORTS_MAP, NO_ENDPOINT_SERVICES_MAP,
@@ -201,6 +208,8 @@ class PortRender:
     elements: tuple[Element, ...]
     #: The ClusterIP (element of ``cluster-ips``), "" if none.
     cluster_ip: str
+    #: Endpoint map name -> {index: verdict} (``0 -> "goto endpoint-…"``).
+    maps: Mapping[str, Mapping[int, str]] = attrs.field(factory=dict)
 
     @property
     def element_keys(self) -> dict[tuple[str, str], Element]:
@@ -336,15 +345,24 @@ def render_port(port: ResolvedServicePort, cfg: FamilyConfig) -> PortRender:
         for ep in endpoints:
             affinity_sets[ep_affinity[ep]] = affinity
 
-    for chain, eps in ((cluster_chain, cluster_eps), (local_chain, local_eps)):
+    # Upstream writes an anonymous ``vmap { 0 : goto …, … }`` here. The kernel binds every
+    # anonymous set by walking the whole transaction (``__nft_set_trans_bind``), which makes
+    # a full sync quadratic (67% of a 5,000-service sync's kernel time), and nft 1.0.6 must
+    # dump every anonymous set before it can add a rule or element. A named map per chain
+    # keeps the same random choice, makes full syncs linear and lets an endpoint change
+    # swap one map element instead of rewriting the service chain.
+    maps: dict[str, dict[int, str]] = {}
+    for chain, eps, prefix in ((cluster_chain, cluster_eps, ENDPOINTS_MAP_PREFIX),
+                               (local_chain, local_eps, LOCAL_ENDPOINTS_MAP_PREFIX)):
         if chain not in chains:
             continue
         rules = chains[chain]
         if affinity is not None:
             for ep in eps:
                 rules.append(f"{ipx} saddr @{ep_affinity[ep]} goto {ep_chain[ep]}")
-        vmap = ", ".join(f"{i} : goto {ep_chain[ep]}" for i, ep in enumerate(eps))
-        rules.append(f"numgen random mod {len(eps)} vmap {{ {vmap} }}")
+        map_name = prefix + base
+        maps[map_name] = {i: f"goto {ep_chain[ep]}" for i, ep in enumerate(eps)}
+        rules.append(f"numgen random mod {len(eps)} vmap @{map_name}")
 
     for ep in endpoints:
         rules = chains[ep_chain[ep]]
@@ -358,6 +376,7 @@ def render_port(port: ResolvedServicePort, cfg: FamilyConfig) -> PortRender:
         affinity_sets=affinity_sets,
         elements=tuple(elements),
         cluster_ip=port.cluster_ip,
+        maps=maps,
     )
 
 
@@ -459,3 +478,7 @@ def is_service_chain(name: str) -> bool:
 
 def is_affinity_set(name: str) -> bool:
     return name.startswith(AFFINITY_PREFIX)
+
+
+def is_endpoints_map(name: str) -> bool:
+    return name.startswith((ENDPOINTS_MAP_PREFIX, LOCAL_ENDPOINTS_MAP_PREFIX))

@@ -8,7 +8,8 @@ and a set only once the rules using it are flushed. Every builder emits in this 
 1. add chains (new ones are created empty);
 2. flush chains whose rules change, and chains about to be deleted;
 3. delete map elements that go away or change value;
-4. delete affinity sets that go away or whose timeout changes, then add sets;
+4. delete affinity sets and endpoint maps that go away (or whose timeout changes), then
+   add sets and maps;
 5. add rules, then add map elements;
 6. delete chains that went away.
 """
@@ -21,12 +22,14 @@ import attrs
 
 from kproxy_nftables.rules import (
     CLUSTER_IPS_SET,
+    ENDPOINTS_MAP_TYPE,
     SERVICE_MAPS,
     TABLE,
     Element,
     FamilyConfig,
     PortRender,
     _addr_type,
+    is_endpoints_map,
     nft_family,
     nodeport_ips_lines,
     setup_lines,
@@ -92,6 +95,31 @@ class Plan:
     def delete_set(self, name: str) -> None:
         self.delete_sets.append(f"delete set {self.table} {name}")
 
+    def add_map(self, name: str, elements: Mapping[int, str], *, flush: bool = False) -> None:
+        """Declare endpoint map ``name`` (a no-op when it exists; ``flush`` empties it)
+        and add its elements."""
+        self.add_sets.append(f"add map {self.table} {name} {{ {ENDPOINTS_MAP_TYPE} ; }}")
+        if flush:
+            self.add_sets.append(f"flush map {self.table} {name}")
+        if elements:
+            body = ", ".join(f"{index} : {verdict}" for index, verdict in elements.items())
+            self.add_elements.append(f"add element {self.table} {name} {{ {body} }}")
+
+    def delete_map(self, name: str) -> None:
+        self.delete_sets.append(f"delete map {self.table} {name}")
+
+    def update_map(self, name: str, old: Mapping[int, str], new: Mapping[int, str]) -> None:
+        """Swap only the elements whose verdict changed."""
+        gone = [index for index, verdict in old.items() if new.get(index) != verdict]
+        if gone:
+            self.delete_elements.append(
+                f"delete element {self.table} {name} {{ {', '.join(map(str, gone))} }}")
+        added = [(index, verdict) for index, verdict in new.items()
+                 if old.get(index) != verdict]
+        if added:
+            body = ", ".join(f"{index} : {verdict}" for index, verdict in added)
+            self.add_elements.append(f"add element {self.table} {name} {{ {body} }}")
+
     def add_element(self, element: Element) -> None:
         self.add_elements.append(f"add element {element.text(self.family)}")
 
@@ -126,6 +154,7 @@ def full_plan(
     sets = dict(existing_sets or {})
     active_chains: set[str] = set()
     active_sets: dict[str, int] = {}
+    active_maps: dict[str, Mapping[int, str]] = {}
     elements: dict[tuple[str, str], Element] = {}
     cluster_ips: dict[str, None] = {}
     for render in renders:
@@ -138,6 +167,8 @@ def full_plan(
             if name in existing:
                 plan.flush_chains.append(f"flush chain {plan.table} {name}")
         active_sets.update(render.affinity_sets)
+        for name, content in render.maps.items():
+            active_maps.setdefault(name, content)
         for element in render.elements:
             elements.setdefault((element.map, element.key), element)
         if render.cluster_ip:
@@ -145,12 +176,17 @@ def full_plan(
     for name in sorted(existing - active_chains):
         plan.drop_chain(name)
     for name, timeout in sorted(sets.items()):
-        if name not in active_sets:
+        if is_endpoints_map(name):
+            if name not in active_maps:
+                plan.delete_map(name)
+        elif name not in active_sets:
             plan.delete_set(name)
         elif timeout is not None and timeout != active_sets[name]:
             plan.delete_set(name)
     for name, timeout in active_sets.items():
         plan.add_set(name, timeout)
+    for name, content in active_maps.items():
+        plan.add_map(name, content, flush=name in sets)
     for element in elements.values():
         plan.add_element(element)
     for ip in cluster_ips:
@@ -180,6 +216,14 @@ def diff_plan(plan: Plan, old: PortRender, new: PortRender) -> None:
     for key, element in new_elements.items():
         if old_elements.get(key) != element:
             plan.add_element(element)
+    for name, content in old.maps.items():
+        if name not in new.maps:
+            plan.delete_map(name)
+        else:
+            plan.update_map(name, content, new.maps[name])
+    for name, content in new.maps.items():
+        if name not in old.maps:
+            plan.add_map(name, content)
     for name in old.affinity_sets:
         if name not in new.affinity_sets or name in changed_sets:
             plan.delete_set(name)

@@ -18,6 +18,7 @@ from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey
 CIDR = {"clusterCIDR": ("10.0.0.0/8",)}
 WEB = key("ns1", "svc1")
 WEB_CHAIN = "service-ULMVA6XW-ns1/svc1/tcp/p80"
+WEB_BASE = "ULMVA6XW-ns1/svc1/tcp/p80"
 WEB_EP1 = "endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
 
 
@@ -75,8 +76,9 @@ def test_cluster_ip_golden() -> None:
                   "meta l4proto tcp dnat to 10.180.0.1:80"),
         WEB_CHAIN: ("ip daddr 172.30.0.41 tcp dport 80 ip saddr != 10.0.0.0/8 "
                     "jump mark-for-masquerade",
-                    f"numgen random mod 1 vmap {{ 0 : goto {WEB_EP1} }}"),
+                    f"numgen random mod 1 vmap @endpoints-{WEB_BASE}"),
     }
+    assert render.maps == {f"endpoints-{WEB_BASE}": {0: f"goto {WEB_EP1}"}}
     assert [e.text(4) for e in render.elements] == [
         f"ip kube-proxy service-ips {{ 172.30.0.41 . tcp . 80 : goto {WEB_CHAIN} }}"]
     assert render.cluster_ip == "172.30.0.41"
@@ -100,7 +102,9 @@ def test_external_traffic_policy_local_golden() -> None:
     # The node is inside the source ranges: the LB IP is allowed too (hairpin via the VIP).
     assert render.chains[f"firewall-{base}"] == (
         "ip saddr != { 192.168.0.0/24, 1.2.3.4 } drop",)
-    assert render.chains[f"local-{base}"][-1].startswith("numgen random mod 1 vmap")
+    assert render.chains[f"local-{base}"][-1] == (
+        f"numgen random mod 1 vmap @local-endpoints-{base}")
+    assert set(render.maps) == {f"endpoints-{base}", f"local-endpoints-{base}"}
     assert [e.text(4) for e in render.elements] == [
         f"ip kube-proxy service-ips {{ 172.30.0.42 . tcp . 80 : goto service-{base} }}",
         f"ip kube-proxy service-ips {{ 1.2.3.4 . tcp . 80 : goto external-{base} }}",
@@ -203,14 +207,28 @@ def test_partial_sync_touches_only_the_changed_port(recorder: Recorder) -> None:
         f"add rule ip kube-proxy {ep2} meta l4proto tcp dnat to 10.180.0.2:80",
         f"add rule ip kube-proxy {WEB_CHAIN} ip daddr 172.30.0.41 tcp dport 80 "
         "ip saddr != 10.0.0.0/8 jump mark-for-masquerade",
-        f"add rule ip kube-proxy {WEB_CHAIN} numgen random mod 2 vmap "
-        f"{{ 0 : goto {WEB_EP1}, 1 : goto {ep2} }}",
+        f"add rule ip kube-proxy {WEB_CHAIN} numgen random mod 2 vmap @endpoints-{WEB_BASE}",
+        f"add element ip kube-proxy endpoints-{WEB_BASE} {{ 1 : goto {ep2} }}",
+    ]
+    # Replacing an endpoint (same count) swaps one map element; the service chain stays.
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1"), ep("10.180.0.3")]), other)
+    ep3 = R.ENDPOINT_PREFIX + R.endpoint_chain_base(WEB.name, ep("10.180.0.3"))
+    assert recorder.transactions[-1] == [
+        f"add chain ip kube-proxy {ep3}",
+        f"flush chain ip kube-proxy {ep2}",
+        f"delete element ip kube-proxy endpoints-{WEB_BASE} {{ 1 }}",
+        f"add rule ip kube-proxy {ep3} ip saddr 10.180.0.3 jump mark-for-masquerade",
+        f"add rule ip kube-proxy {ep3} meta l4proto tcp dnat to 10.180.0.3:80",
+        f"add element ip kube-proxy endpoints-{WEB_BASE} {{ 1 : goto {ep3} }}",
+        f"delete chain ip kube-proxy {ep2}",
     ]
     # Removing the endpoint again deletes its chain after the service chain stops using it.
     d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")]), other)
     last = recorder.transactions[-1]
     assert last[0] == f"flush chain ip kube-proxy {WEB_CHAIN}"
-    assert last[-1] == f"delete chain ip kube-proxy {ep2}"
+    assert last[-1] == f"delete chain ip kube-proxy {ep3}"
+    assert last.index(f"delete element ip kube-proxy endpoints-{WEB_BASE} {{ 1 }}") < (
+        len(last) - 1)
     assert not any("other" in line for line in last)
 
 
