@@ -9,6 +9,7 @@ elsewhere: unknown fields are ignored and purely informational values that fail 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -51,6 +52,8 @@ _SERVICE_TYPES: frozenset[str] = frozenset(
     ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 )
 _EXTERNAL_TYPES: frozenset[str] = frozenset(("NodePort", "LoadBalancer"))
+#: upstream's IsValidPortName (IANA_SVC_NAME): 1-15 of [a-z0-9-], a letter, no edge or double "-"
+_PORT_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,13}[a-z0-9])?")
 #: upstream validation caps ClientIP affinity at one day
 _MAX_AFFINITY_TIMEOUT = 86400
 
@@ -367,10 +370,13 @@ def _target_port(r: _Reader, p: Mapping[str, Any], path: str, port: int) -> int 
         return port
     if isinstance(value, str):
         # YAML authors often quote numbers; the API would reject it, we read it as meant.
-        if value.isdigit():
+        # (isascii: "²".isdigit() is true but int() rejects it.)
+        if value.isascii() and value.isdigit():
             value = int(value)
-        else:
+        elif _PORT_NAME.fullmatch(value) and "--" not in value and not value.isdigit():
             return value
+        else:
+            r.fail(path, f"{value!r} is neither a port number nor a port name (IANA_SVC_NAME)")
     if isinstance(value, bool) or not isinstance(value, int):
         r.fail(path, f"expected a port number or name, got {_type_name(value)}")
     if not 1 <= value <= 65535:
