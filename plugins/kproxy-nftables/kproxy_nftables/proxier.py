@@ -15,6 +15,7 @@ import json
 import platform
 import re
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,7 +30,7 @@ from kproxy_core.backend import (
     SyncResult,
 )
 from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey
-from kproxy_nftables import nft
+from kproxy_nftables import netlink, nft
 from kproxy_nftables import rules as R
 from kproxy_nftables.transaction import Plan, diff_plan, full_plan
 
@@ -170,6 +171,10 @@ class NftablesProxier(Backend):
         self.delete_at_once = kernel_deletes_chains_at_once()
         self._interface_ips: list[str] | None = None
         self.last_transaction: list[str] = []
+        #: Which writer sent the last transaction: "netlink" or "nft".
+        self.last_writer = ""
+        #: Partial syncs may bypass nft (see `netlink`); off sends everything through nft.
+        self.use_netlink = True
 
     @classmethod
     def check_supported(cls, context: BackendContext) -> None:
@@ -268,9 +273,21 @@ class NftablesProxier(Backend):
         for _, plan, _, _, _ in plans:
             lines += plan.lines()
         self.last_transaction = lines
+        # Partial syncs go straight to the kernel when every statement has a shape the
+        # netlink encoder knows: nft 1.0.6 would first dump the whole table (its cache).
+        messages = None
+        if self.use_netlink and not any(plan.setup for _, plan, _, _, _ in plans) and not (
+                request.full or any(s.cfg is None for s in self.state.values())):
+            messages = netlink.encode(lines)
+        self.last_writer = "netlink" if messages is not None else "nft"
         try:
-            seconds = nft.apply(lines)
-        except nft.NftError as exc:
+            if messages is not None:
+                start = time.perf_counter()
+                netlink.send(lines, messages)
+                seconds = time.perf_counter() - start
+            else:
+                seconds = nft.apply(lines)
+        except (nft.NftError, netlink.NetlinkError, OSError) as exc:
             raise SyncError(f"nftables transaction failed: {exc}") from exc
         objects = 0
         counters: dict[str, int] = {}

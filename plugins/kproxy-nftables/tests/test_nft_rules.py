@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from kproxy_nftables import nft
+from kproxy_nftables import netlink, nft
 from kproxy_nftables import rules as R
 from kproxy_nftables.proxier import NftablesProxier, Settings
 from kproxy_nftables.transaction import full_plan
@@ -37,6 +37,9 @@ class Recorder:
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
     rec = Recorder()
     monkeypatch.setattr(nft, "apply", rec.apply)
+    # Partial syncs bypass nft through the netlink writer: record those too (nothing here
+    # may reach the host's kernel).
+    monkeypatch.setattr(netlink, "send", lambda lines, messages: rec.apply(list(lines)))
     monkeypatch.setattr(nft, "list_names", lambda family: (set(), {}))
     yield rec
 
