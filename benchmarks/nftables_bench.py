@@ -4,9 +4,10 @@
 
 Per size N (N ClusterIP services x 5 endpoints, from an empty namespace): the first full sync
 (wall time, time inside ``nft``, statements sent), then one-endpoint changes (partial syncs:
-median and max wall time, statements sent), a second full sync (the periodic resync, which
-lists chain/set names once), and the process's peak RSS (``ru_maxrss`` of the forked child
-that ran the proxier, which starts as a copy of this process: the baseline is printed too).
+median and max wall time, statements sent, the writer used: netlink or nft), a second full
+sync (the periodic resync, which lists chain/set/map names once), and the process's peak
+RSS (``ru_maxrss`` of the forked child that ran the proxier, which starts as a copy of this
+process: the baseline is printed too).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def bench(n: int, changes: int) -> dict[str, Any]:
                            "full_statements": len(proxier.last_transaction)}
     times = []
     statements = []
+    writers = set()
     for c in range(changes):
         i = (n // 2 + c * 7) % n
         new = make_port(i, bump=c + 1)
@@ -75,8 +77,9 @@ def bench(n: int, changes: int) -> dict[str, Any]:
         proxier.sync(request)
         times.append(time.perf_counter() - start)
         statements.append(len(proxier.last_transaction))
+        writers.add(proxier.last_writer)
     out.update(partial_median_s=statistics.median(times), partial_max_s=max(times),
-               partial_statements=max(statements))
+               partial_statements=max(statements), writer="+".join(sorted(writers)))
     start = time.perf_counter()
     result = proxier.sync(SyncRequest(view=NodeView("node", ("10.99.0.1",), "", dict(ports)),
                                       changed=frozenset(), full=True))
@@ -92,7 +95,7 @@ def main() -> int:
     args = parser.parse_args()
     print(f"{'services':>8} {'full s':>8} {'(nft s)':>8} {'stmts':>7} {'1-ep med ms':>11} "
           f"{'max ms':>7} {'stmts':>5} {'resync s':>8} {'(nft s)':>8} {'rss MB':>7} "
-          f"{'base MB':>7}")
+          f"{'base MB':>7} {'writer':>7}")
     for n in (int(s) for s in args.sizes.split(",")):
         with Sandbox() as sandbox:
             ns = sandbox.netns("nftbench")
@@ -100,7 +103,8 @@ def main() -> int:
         print(f"{n:>8} {r['full_s']:>8.2f} {r['full_nft_s']:>8.2f} {r['full_statements']:>7} "
               f"{r['partial_median_s'] * 1000:>11.1f} {r['partial_max_s'] * 1000:>7.1f} "
               f"{r['partial_statements']:>5} {r['resync_s']:>8.2f} {r['resync_nft_s']:>8.2f} "
-              f"{r['peak_rss_mb']:>7.0f} {r['baseline_rss_mb']:>7.0f}", flush=True)
+              f"{r['peak_rss_mb']:>7.0f} {r['baseline_rss_mb']:>7.0f} {r['writer']:>7}",
+              flush=True)
     return 0
 
 

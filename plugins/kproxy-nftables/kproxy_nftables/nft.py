@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -56,10 +57,18 @@ def _first_lines(text: str, limit: int = 12) -> str:
 
 
 def apply(lines: Sequence[str]) -> float:
-    """Send ``lines`` as one transaction (``nft -f -``); returns seconds spent."""
+    """Send ``lines`` as one transaction (``nft -f FILE``); returns seconds spent.
+
+    The lines are streamed to a private temporary file rather than joined into one string
+    and piped: a 10,000-service full sync is ~25 MB of text, held twice (str and bytes)
+    by a pipe."""
     if not lines:
         return 0.0
-    _, elapsed = run_nft(["-f", "-"], stdin="\n".join(lines) + "\n")
+    with tempfile.NamedTemporaryFile("w", prefix="kproxy-nft-", suffix=".nft",
+                                     encoding="utf-8") as handle:
+        handle.writelines(f"{line}\n" for line in lines)
+        handle.flush()
+        _, elapsed = run_nft(["-f", handle.name])
     return elapsed
 
 
