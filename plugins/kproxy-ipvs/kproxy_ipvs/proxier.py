@@ -102,6 +102,7 @@ class IpvsProxier(Backend):
         self._addresses: Counter[str] = Counter()
         self._entries: dict[tuple[int, str], Counter[str]] = {}
         self._no_node_access: Counter[tuple[str, str, int]] = Counter()
+        self._external_drops: Counter[rules.ExternalDrop] = Counter()
         #: (virtual server, real server) at weight 0 waiting for its connections to end.
         self._graceful: dict[tuple[VSKey, RealServer], float] = {}
         self._rules_text: dict[int, str] = {}
@@ -219,6 +220,7 @@ class IpvsProxier(Backend):
         self._addresses = Counter()
         self._entries = {}
         self._no_node_access = Counter()
+        self._external_drops = Counter()
         for key, state in self._ports.items():
             self._account(state, +1, key.family)
 
@@ -260,6 +262,10 @@ class IpvsProxier(Backend):
             self._no_node_access[item] += sign
             if self._no_node_access[item] <= 0:
                 del self._no_node_access[item]
+        for drop in state.external_drops:
+            self._external_drops[drop] += sign
+            if self._external_drops[drop] <= 0:
+                del self._external_drops[drop]
         return flipped_addresses, flipped_entries
 
     def _ensure_infrastructure(self) -> None:
@@ -446,6 +452,7 @@ class IpvsProxier(Backend):
                                        self.masquerade_bit, cidr),
                 nonempty,
                 [item for item in self._no_node_access if (":" in item[0]) == (family == 6)],
+                [drop for drop in self._external_drops if drop.family == family],
             )
             text = data.render()
             if self._rules_text.get(family) == text:

@@ -187,6 +187,18 @@ class RealServer:
             f"{self.address}:{self.port}"
 
 
+@attrs.frozen(order=True)
+class ExternalDrop:
+    """One external destination (node port: ``address`` "", matched as any local address)
+    whose new connections from outside the node are dropped."""
+
+    family: int
+    service: str
+    address: str
+    protocol: str
+    port: int
+
+
 @attrs.frozen
 class PortState:
     """Everything one service port (one family) contributes to the kernel."""
@@ -199,6 +211,9 @@ class PortState:
     entries: Mapping[str, frozenset[str]]
     #: (lb ip, protocol, port) reachable from no node: dropped in KUBE-IPVS-OUT-FILTER.
     no_node_access: frozenset[tuple[str, str, int]] = frozenset()
+    #: External destinations of an externalTrafficPolicy Local service without local endpoints
+    #: (see `ExternalDrop`): new connections from outside the node and its pods are dropped.
+    external_drops: frozenset[ExternalDrop] = frozenset()
 
 
 @attrs.frozen
@@ -255,6 +270,19 @@ def port_state(port: ResolvedServicePort, settings: Settings) -> PortState:
         vs(port.cluster_ip, port.port, port.internal_endpoints, True)
 
     external = port.external_endpoints
+    # externalTrafficPolicy Local without a local endpoint (but with endpoints elsewhere): as
+    # upstream, the external virtual servers get the cluster endpoints so the node and its pods
+    # still reach the service, and external clients are dropped (upstream relies on the
+    # asymmetric reply being lost; an explicit DROP is what the model and iptables mode say).
+    drop_external = (port.external_policy_local and not external and port.has_any_endpoints
+                     and port.is_external_facing)
+    drops: set[ExternalDrop] = set()
+    if drop_external:
+        external = port.cluster_endpoints
+        for address in (*port.external_ips, *port.load_balancer_ips):
+            drops.add(ExternalDrop(port.family, str(port.name), address, lproto, port.port))
+        if port.node_port:
+            drops.add(ExternalDrop(port.family, str(port.name), "", lproto, port.node_port))
     for ip in port.external_ips:
         add(EXTERNAL_IP_LOCAL if port.external_policy_local else EXTERNAL_IP,
             f"{ip},{lproto}:{port.port}")
@@ -302,6 +330,7 @@ def port_state(port: ResolvedServicePort, settings: Settings) -> PortState:
         addresses=frozenset(addresses),
         entries={name: frozenset(values) for name, values in entries.items()},
         no_node_access=frozenset(no_node_access),
+        external_drops=frozenset(drops),
     )
 
 
@@ -321,7 +350,8 @@ class IptablesSettings:
 
 
 def iptables_rules(settings: IptablesSettings, nonempty: Iterable[str],
-                   no_node_access: Iterable[tuple[str, str, int]] = ()) -> RestoreData:
+                   no_node_access: Iterable[tuple[str, str, int]] = (),
+                   external_drops: Iterable[ExternalDrop] = ()) -> RestoreData:
     """The whole ruleset for one family. ``nonempty`` names (base names) the sets that have
     entries: as upstream, a set's rule is only written while the set is in use."""
     used = set(nonempty)
@@ -371,6 +401,15 @@ def iptables_rules(settings: IptablesSettings, nonempty: Iterable[str],
     nat.rule(KUBE_SERVICES, "-m", "addrtype", "--dst-type", "LOCAL", "-j", KUBE_NODE_PORT)
     nat.rule(KUBE_LOAD_BALANCER, "-j", KUBE_MARK_MASQ)
     flt.rule(KUBE_SOURCE_RANGES_FIREWALL, "-j", "DROP")
+    # Filter INPUT runs before IPVS schedules (LOCAL_IN), so this sees the external address.
+    for drop in sorted(external_drops):
+        dest = (["-m", "addrtype", "--dst-type", "LOCAL"] if not drop.address
+                else ["-d", drop.address])
+        internal = ["!", "-s", settings.cluster_cidr] if settings.cluster_cidr else []
+        flt.rule(KUBE_PROXY_FIREWALL, "-m", "comment", "--comment",
+                 quote(f"{drop.service} has no local endpoints"), "-m", "conntrack",
+                 "--ctstate", "NEW", *dest, "-p", drop.protocol, "--dport", str(drop.port),
+                 *internal, "-m", "addrtype", "!", "--src-type", "LOCAL", "-j", "DROP")
     for ip, proto, number in sorted(no_node_access):
         flt.rule(KUBE_IPVS_OUT_FILTER, "-s", ip, "-m", "ipvs", "--vaddr", ip, "--vproto", proto,
                  "--vport", str(number), "-j", "DROP")

@@ -164,6 +164,36 @@ def test_affinity_scheduler_and_local_policy() -> None:
     assert kernel.links["kube-ipvs0"] == {"10.96.0.10", "10.98.0.7", "10.98.0.1"}
 
 
+def test_local_policy_without_local_endpoints_drops_external_clients_only() -> None:
+    proxier, kernel = make()
+    remote = svc("web", "10.96.0.10", 80, (ep("10.244.2.2", local=False),), node_port=30080,
+                 local_only_external=True, external_ips=("10.98.0.7",))
+    proxier.sync(request(view(remote)))
+    # As upstream: the node and its pods still reach the cluster endpoints...
+    assert reals(kernel, VSKey("TCP", "10.99.0.1", 30080)) == {"10.244.2.2:8080": 1}
+    assert reals(kernel, VSKey("TCP", "10.98.0.7", 80)) == {"10.244.2.2:8080": 1}
+    # ...and new connections from elsewhere are dropped before IPVS schedules them.
+    text = kernel.restored[-1].render()
+    tail = "! -s 10.244.0.0/16 -m addrtype ! --src-type LOCAL -j DROP"
+    head = ('-A KUBE-PROXY-FIREWALL -m comment --comment "default/web:p has no local endpoints" '
+            "-m conntrack --ctstate NEW")
+    assert f"{head} -m addrtype --dst-type LOCAL -p tcp --dport 30080 {tail}" in text
+    assert f"{head} -d 10.98.0.7 -p tcp --dport 80 {tail}" in text
+    # A local endpoint appears: the drops go (one restore) and only it serves external traffic.
+    restores = len(kernel.restored)
+    local = svc("web", "10.96.0.10", 80, (ep("10.244.1.2"), ep("10.244.2.2", local=False)),
+                node_port=30080, local_only_external=True, external_ips=("10.98.0.7",))
+    proxier.sync(request(view(local), view(remote)))
+    assert len(kernel.restored) == restores + 1
+    assert "has no local endpoints" not in kernel.restored[-1].render()
+    # (the remote one drained at once: the fake kernel has no connections to it)
+    assert reals(kernel, VSKey("TCP", "10.99.0.1", 30080)) == {"10.244.1.2:8080": 1}
+    # No endpoints at all: nothing to drop, the empty virtual servers reject.
+    proxier.sync(request(view(svc("web", "10.96.0.10", 80, (), node_port=30080,
+                                  local_only_external=True)), view(local)))
+    assert "has no local endpoints" not in kernel.restored[-1].render()
+
+
 def test_ipv6_sets_use_the_kube_6_prefix() -> None:
     proxier, kernel = make(families=(4, 6))
     kernel.local.append("fd00::1")
