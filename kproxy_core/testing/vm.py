@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
 #: Set in the guest for the command, so test suites can tell they run in the VM.
@@ -34,19 +35,45 @@ class VMUnavailable(RuntimeError):
     pass
 
 
-def find_kernel() -> str:
-    """The newest ``/boot/vmlinuz-*`` that has a module tree (the guest loads modules from
-    the host's ``/lib/modules``)."""
+def _has_module(release: str, module: str, modules_root: str) -> bool:
+    """Whether ``/lib/modules/<release>`` has ``module`` (loadable or built in)."""
+    tree = os.path.join(modules_root, release)
+    names = {module, module.replace("_", "-")}
+    for index in ("modules.dep", "modules.builtin"):
+        try:
+            with open(os.path.join(tree, index), encoding="utf-8") as handle:
+                for line in handle:
+                    path = line.split(":", 1)[0].strip()
+                    base = os.path.basename(path).split(".ko", 1)[0]
+                    if base in names:
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+def find_kernel(modules: Sequence[str] = (), *, boot: str = "/boot",
+                modules_root: str = "/lib/modules") -> str:
+    """The newest ``<boot>/vmlinuz-*`` whose module tree (the guest loads modules from the
+    host's ``/lib/modules``) has every one of ``modules``: a host may carry a kernel without
+    IPVS (a cloud kernel) next to Debian's generic one."""
     candidates = []
-    for path in glob.glob("/boot/vmlinuz-*"):
+    for path in glob.glob(os.path.join(boot, "vmlinuz-*")):
         release = os.path.basename(path)[len("vmlinuz-"):]
-        if os.path.isdir(f"/lib/modules/{release}"):
+        if os.path.isdir(os.path.join(modules_root, release)):
             candidates.append((release, path))
     if not candidates:
         raise VMUnavailable(
-            "no /boot/vmlinuz-* with modules in /lib/modules: run plugins/kproxy-ipvs/vm/setup.sh "
+            f"no {boot}/vmlinuz-* with modules in {modules_root}: run "
+            "plugins/kproxy-ipvs/vm/setup.sh (apt-get install linux-image-amd64)")
+    usable = [(release, path) for release, path in candidates
+              if all(_has_module(release, m, modules_root) for m in modules)]
+    if not usable:
+        raise VMUnavailable(
+            f"no kernel in {boot} has the modules {', '.join(modules)} (looked at "
+            f"{', '.join(sorted(r for r, _ in candidates))}): run plugins/kproxy-ipvs/vm/setup.sh "
             "(apt-get install linux-image-amd64)")
-    return sorted(candidates)[-1][1]
+    return sorted(usable)[-1][1]
 
 
 def guest_script(argv: Sequence[str], modules: Sequence[str], cwd: str,
@@ -102,18 +129,23 @@ def run_in_vm(argv: Sequence[str], *, modules: Sequence[str] = (), kernel: str |
         raise ValueError("no command given")
     if argv[0] in ("python", "python3"):
         argv[0] = sys.executable
-    vng_argv = build_vng_argv(argv, kernel=kernel or find_kernel(), modules=modules,
+    vng_argv = build_vng_argv(argv, kernel=kernel or find_kernel(modules), modules=modules,
                               cwd=cwd or os.getcwd(), memory=memory, cpus=cpus, kvm=kvm,
                               env=guest_env(env))
     # Own process group: on timeout QEMU (vng's child) must die too, not linger as an orphan.
+    started = time.monotonic()
     proc = subprocess.Popen(vng_argv, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        return proc.wait(timeout=timeout)
+        status = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        print(f"VM command timed out after {timeout:.0f}s", file=sys.stderr)
+        print(f"vm: command timed out after {timeout:.0f}s", file=sys.stderr)
         return 124
+    # vng reports the guest command's status; 255 is its "the guest died" (kernel panic...).
+    print(f"vm: command exited {status} after {time.monotonic() - started:.0f}s (boot included)",
+          file=sys.stderr)
+    return status
 
 
 def main(args: Sequence[str] | None = None) -> int:

@@ -1,0 +1,46 @@
+"""`kproxy_core.testing.vm` on the host: kernel choice and the guest command line (booting a
+VM is what ``vm/run-tests.sh`` does)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from kproxy_core.testing import vm
+
+
+def fake_boot(tmp_path: Path, kernels: dict[str, list[str]]) -> tuple[str, str]:
+    boot, modules = tmp_path / "boot", tmp_path / "modules"
+    boot.mkdir()
+    for release, names in kernels.items():
+        (boot / f"vmlinuz-{release}").write_bytes(b"")
+        (modules / release).mkdir(parents=True)
+        (modules / release / "modules.dep").write_text(
+            "".join(f"kernel/net/{name}.ko.xz: kernel/x.ko.xz\n" for name in names))
+    return str(boot), str(modules)
+
+
+def test_find_kernel_prefers_the_newest_with_the_modules(tmp_path: Path) -> None:
+    boot, modules = fake_boot(tmp_path, {"6.1.0-9-amd64": ["ip_vs", "ip_vs_rr", "ip_set"],
+                                         "6.8.0-1-cloud": ["ip_set"]})
+    assert vm.find_kernel(["ip_vs", "ip_set"], boot=boot, modules_root=modules).endswith(
+        "vmlinuz-6.1.0-9-amd64")
+    assert vm.find_kernel([], boot=boot, modules_root=modules).endswith("vmlinuz-6.8.0-1-cloud")
+
+
+def test_find_kernel_without_the_modules_names_the_fix(tmp_path: Path) -> None:
+    boot, modules = fake_boot(tmp_path, {"6.8.0-1-cloud": ["ip_set"]})
+    with pytest.raises(vm.VMUnavailable, match=r"no kernel .* has the modules ip_vs.*setup\.sh"):
+        vm.find_kernel(["ip_vs"], boot=boot, modules_root=modules)
+
+
+def test_guest_script_loads_modules_then_execs_with_the_environment() -> None:
+    line = vm.guest_script(["python", "-m", "pytest", "-k", "a b"], ["ip_vs"], "/work/x y",
+                           {"KPROXY_IN_VM": "1"})
+    words = shlex.split(line)
+    assert words[:3] == ["cd", "/work/x y", "&&"]
+    assert words[3:6] == ["modprobe", "ip_vs", "&&"]
+    assert words[6:] == ["exec", "env", "KPROXY_IN_VM=1", "python", "-m", "pytest", "-k", "a b"]
+    assert vm.guest_env()[vm.IN_VM_ENV] == "1"
