@@ -251,8 +251,10 @@ class IptablesProxier(Backend):
                     before = R.render_service(previous, cfg).chains if previous else ()
                 now = set(rendered[key].chains) if key in rendered else set()
                 delete_set.update(c for c in before if c not in now)
-            data = R.assemble(rendered, cfg, write_chains_for=changed,
-                              delete_chains=sorted(delete_set))
+            # On nf_tables the top-level jumps go in descending target order, which keeps
+            # iptables-nft-restore's per-command chain-list walk short (rules.assemble_sections).
+            data = R.assemble(R.nft_order(rendered) if sections else rendered, cfg,
+                              write_chains_for=changed, delete_chains=sorted(delete_set))
             written = changed & set(rendered)
         book = {"cfg": cfg, "rendered": rendered, "services": services, "full": full,
                 "written": written, "removed": changed - set(rendered)}

@@ -542,9 +542,11 @@ def assemble(rendered: Mapping[ServicePortKey, ServiceRules], cfg: RenderConfig,
 NFT_SECTION_CHAINS = 1500
 
 
-def _service_order(rendered: Mapping[ServicePortKey, ServiceRules]
+def nft_order(rendered: Mapping[ServicePortKey, ServiceRules]
                    ) -> dict[ServicePortKey, ServiceRules]:
-    """``rendered`` by descending chain-name hash (see `assemble_sections` for why)."""
+    """``rendered`` by descending chain-name hash: the order in which iptables-nft-restore
+    inserts the KUBE-SERVICES jump targets into its sorted chain list at the head, in full
+    and partial syncs alike (see `assemble_sections`)."""
     return dict(sorted(rendered.items(),
                        key=lambda item: item[1].chains[0][-16:] if item[1].chains else "",
                        reverse=True))
@@ -581,7 +583,7 @@ def assemble_sections(rendered: Mapping[ServicePortKey, ServiceRules], cfg: Rend
     """
     if section_chains < 1:
         raise ValueError(f"section_chains must be at least 1, not {section_chains}")
-    ordered = _service_order(rendered)
+    ordered = nft_order(rendered)
     scratch = RestoreData(cfg.family)
     render_top_level(scratch, cfg)
     lead = RestoreData(cfg.family)
