@@ -150,19 +150,32 @@ def live_service_chains(c: Cluster) -> set[str]:
     return set(_SERVICE_CHAIN.findall(text))
 
 
+def conntrack_entries(c: Cluster) -> int:
+    out = c.sb.node.run(["conntrack", "-C"], check=False).stdout.strip()
+    return int(out) if out.isdigit() else -1
+
+
 def ipset_entries(c: Cluster) -> int:
     out = c.sb.node.run(["ipset", "list"], check=False).stdout
     return sum(1 for line in out.splitlines() if line and line[0].isdigit())
 
 
 def soak(mode: str, minutes: float, sample: float, churn_interval: float, max_services: int,
-         seed: int) -> dict[str, Any]:
+         seed: int, workdir: Path | None = None) -> dict[str, Any]:
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return _soak_in(workdir, mode, minutes, sample, churn_interval, max_services, seed)
     with TemporaryDirectory(prefix="kproxy-soak-") as tmp:
-        c = Cluster(mode, Path(tmp))
-        try:
-            return _soak(c, minutes, sample, churn_interval, max_services, seed)
-        finally:
-            c.close()
+        return _soak_in(Path(tmp), mode, minutes, sample, churn_interval, max_services, seed)
+
+
+def _soak_in(workdir: Path, mode: str, minutes: float, sample: float, churn_interval: float,
+             max_services: int, seed: int) -> dict[str, Any]:
+    c = Cluster(mode, workdir)
+    try:
+        return _soak(c, minutes, sample, churn_interval, max_services, seed)
+    finally:
+        c.close()
 
 
 def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
@@ -177,7 +190,8 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
     fds_before, threads_before = open_fds(pid), threads(pid)
 
     requests = 0
-    failures: list[tuple[float, str]] = []
+    #: (seconds since start, wall-clock time, reply, requests sent before it)
+    failures: list[tuple[float, str, str, int]] = []
     longest_gap = 0.0
     start = time.monotonic()
 
@@ -192,7 +206,12 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
                 longest_gap = max(longest_gap, now - last_ok)
                 last_ok = now
             else:
-                failures.append((now - start, reply))
+                wall = time.strftime("%H:%M:%S", time.gmtime())
+                failures.append((round(now - start, 3), wall, reply, requests))
+                if len(failures) <= 5:
+                    # What the kernel held right after a failure, for the post-mortem.
+                    saved = c.sb.node.run(["iptables-save", "-t", "nat"], check=False).stdout
+                    (c.workdir / f"failure-{len(failures)}-nat.txt").write_text(saved)
             time.sleep(0.02)
 
     churn = Churn(c, max_services, seed)
@@ -212,7 +231,8 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
             if now >= next_sample:
                 rss.append((now - start, rss_kib(pid)))
                 print(f"  t={now - start:7.0f}s rss={rss[-1][1]} KiB services={len(churn.live)} "
-                      f"requests={requests} failed={len(failures)}", flush=True)
+                      f"requests={requests} failed={len(failures)} "
+                      f"conntrack={conntrack_entries(c)}", flush=True)
                 next_sample += sample
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
@@ -266,16 +286,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between churn operations")
     parser.add_argument("--max-services", type=int, default=60)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep kproxy's log and failure snapshots here (default: a "
+                        "temporary directory, removed)")
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.sample <= 0 or args.churn_interval <= 0:
         parser.error("--minutes, --sample and --churn-interval must be positive")
     print(f"soak: {args.minutes:g} min, mode {args.mode}, churn every {args.churn_interval}s, "
           f"up to {args.max_services} services", flush=True)
     result = soak(args.mode, args.minutes, args.sample, args.churn_interval,
-                  args.max_services, args.seed)
+                  args.max_services, args.seed, args.workdir)
     r = result
     print(f"fixed service: {r['requests']} requests, {r['failed']} failed, "
           f"longest gap {r['longest_gap_s']}s")
+    for failure in r["failures"]:
+        print(f"  failed at t={failure[0]}s ({failure[1]} UTC) after {failure[3]} requests: "
+              f"{failure[2]}")
     print(f"churn: {r['churn_ops']}")
     print(f"RSS KiB: first {r['rss_kib_first']} last {r['rss_kib_last']} max "
           f"{r['rss_kib_max']}; slope {r['rss_slope_kib_per_min_second_half']} KiB/min "
