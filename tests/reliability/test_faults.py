@@ -465,3 +465,38 @@ def test_many_endpoints_and_services_survive_ep_flapping(fc: FaultCluster) -> No
             time.sleep(0.15)
     assert traffic.failed() == [], traffic.failed()
     alive(c)
+
+
+def test_another_agent_referencing_a_stale_chain_does_not_block_updates(
+        fc: FaultCluster) -> None:
+    """Another agent jumps to one of our service chains; the service goes away, so every sync
+    wants to delete that chain and the kernel refuses (the chain is referenced). That must not
+    block the programming of every other change."""
+    c = fc
+    if c.mode != "iptables":
+        pytest.skip(f"{c.mode} mode has no per-service chains")
+    a, b = "10.96.19.1", "10.96.19.2"
+    c.start_kproxy()
+    client = c.pod("pod-1-3")
+    c.apply(service_obj("a", a), endpoint_slice_obj("a", c.eps("pod-1-2")))
+    c.wait_answered_by(client, a, 80, {"pod-1-2"})
+    saved = c.sb.node.run(["iptables-nft-save", "-t", "nat"]).stdout
+    chain = re.findall(r"-A KUBE-SERVICES -d 10\.96\.19\.1/32 .*-j (KUBE-SVC-[A-Z0-9]+)", saved)
+    assert chain, saved
+    c.sb.node.run(["iptables-nft", "-t", "nat", "-N", "OTHER-AGENT"])
+    c.sb.node.run(["iptables-nft", "-t", "nat", "-A", "OTHER-AGENT", "-d", "192.0.2.1/32",
+                   "-j", chain[0]])
+    c.delete(endpoint_slice_obj("a", []), service_obj("a", a))
+    c.wait_not_answered(client, a, 80)
+    c.apply(service_obj("b", b), endpoint_slice_obj("b", c.eps("pod-2-2")))
+    c.wait_answered_by(client, b, 80, {"pod-2-2"})
+    # And a full resync (as after any failure) still succeeds later.
+    assert c.kproxy is not None
+    c.kproxy.stop(signal.SIGTERM)
+    c.start_kproxy()
+    c.apply(service_obj("b", b), endpoint_slice_obj("b", c.eps("pod-1-2")))
+    c.wait_answered_by(client, b, 80, {"pod-1-2"})
+    assert f"-A OTHER-AGENT -d 192.0.2.1/32 -j {chain[0]}" in c.saved()
+    alive(c)
+    record(f"[{c.mode}] foreign reference to a stale chain: sync errors "
+           f"{c.metric('kproxy_sync_errors_total'):.0f}")
