@@ -12,6 +12,9 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import kproxy_ipvs.cleanup
+import kproxy_ipvs.proxier
+import pyroute2
 import pytest
 from ipvs_helpers import context, ep, request, svc, view
 
@@ -21,6 +24,11 @@ from kproxy_core.testing.innetns import in_netns
 from kproxy_core.testing.netns import ClusterSandbox, NetNS, wait_for_port
 
 pytestmark = pytest.mark.root
+
+# Imported once, here: every scenario runs in a forked child, which inherits them; under TCG
+# importing pyroute2 (which the netlink layer does lazily) takes tens of seconds per child.
+_PRELOADED = (kproxy_ipvs.proxier, kproxy_ipvs.cleanup, pyroute2.IPVS, pyroute2.IPRoute,
+              pyroute2.IPSet, pyroute2.IPVSService, pyroute2.IPVSDest)
 
 CONFIG = {"clusterCIDR": "10.244.0.0/16"}
 LOCAL1, LOCAL2, REMOTE = "10.244.1.2", "10.244.1.3", "10.244.2.2"
@@ -103,7 +111,8 @@ def cleanup_node(cluster: ClusterSandbox) -> list[str]:
         from ipvs_helpers import FakeConfig
         from kproxy_ipvs.cleanup import cleanup
 
-        return cleanup(FakeConfig({}), logging.getLogger("t"))
+        removed: list[str] = cleanup(FakeConfig({}), logging.getLogger("t"))
+        return removed
 
     return in_netns(cluster.node.name, run, timeout=NETNS_TIMEOUT)
 
