@@ -364,6 +364,11 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (creates network namespaces)")
+    # The legacy xtables lock is one file for every namespace on the machine: a 10k restore
+    # holding it would stall everybody else's iptables-legacy. Our namespaces are private,
+    # so is our lock (kproxy, iptables and the libiptc writer all honour the variable).
+    lock = tempfile.NamedTemporaryFile(prefix="kproxy-bench-xtables-", suffix=".lock")
+    os.environ["XTABLES_LOCKFILE"] = lock.name
     if args.quick:
         args.sizes, args.changes = [200, 1000], 1
     configs = [tuple(c.split("-", 1)) for c in args.configs]
