@@ -253,3 +253,17 @@ def test_assemble_partial_writes_only_changed_chains_and_deletes() -> None:
     assert "-A KUBE-SERVICES" in text and f"-j {SVC}" in text  # but still dispatched to
     assert f":{old_sep} - [0:0]" in text and f"-X {old_sep}" in text
     assert R.render_service(b, CFG).chains[0] in text
+
+
+def test_node_cidr_detector_uses_the_nodes_pod_cidrs() -> None:
+    from kproxy_iptables.proxier import Settings
+
+    class Config:
+        def get(self, path: str) -> object:
+            return {"detectLocalMode": "NodeCIDR"}.get(path)
+
+    settings = Settings(Config())  # type: ignore[arg-type]
+    cidrs = ("10.244.1.0/24", "fd00:1::/64")
+    assert settings.local_detector(4, cidrs) == R.LocalDetector.for_cidrs(["10.244.1.0/24"])
+    assert settings.local_detector(6, cidrs) == R.LocalDetector.for_cidrs(["fd00:1::/64"])
+    assert settings.local_detector(4, ()) == R.LocalDetector()  # no Node yet: no-op

@@ -83,19 +83,20 @@ class Settings:
         self.detect_local_mode = str(config_value(config, "detectLocalMode", "") or "ClusterCIDR")
         self.bridge_interface = str(config_value(config, "detectLocal.bridgeInterface", ""))
         self.interface_prefix = str(config_value(config, "detectLocal.interfaceNamePrefix", ""))
-        self.node_cidrs = _as_list(config_value(config, "detectLocal.nodeCIDRs", ""))
         self.nodeport_addresses = _as_list(config_value(config, "nodePortAddresses", ()))
         modes = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
         if self.detect_local_mode not in modes:
             raise ValueError(f"detectLocalMode must be one of {', '.join(modes)}, "
                              f"not {self.detect_local_mode!r}")
 
-    def local_detector(self, family: int) -> R.LocalDetector:
+    def local_detector(self, family: int, pod_cidrs: Sequence[str] = ()) -> R.LocalDetector:
+        """``pod_cidrs``: this node's pod CIDRs from the Node object (NodeView.pod_cidrs),
+        which detectLocalMode NodeCIDR uses."""
         mode = self.detect_local_mode
         if mode == "ClusterCIDR":
             return R.LocalDetector.for_cidrs(family, _of_family(self.cluster_cidrs, family))
         if mode == "NodeCIDR":
-            return R.LocalDetector.for_cidrs(family, _of_family(self.node_cidrs, family))
+            return R.LocalDetector.for_cidrs(family, _of_family(list(pod_cidrs), family))
         if mode == "BridgeInterface":
             return R.LocalDetector.for_interface(self.bridge_interface)
         return R.LocalDetector.for_interface(
@@ -196,7 +197,7 @@ class NftablesProxier(Backend):
             family=family,
             masquerade_mark=self.settings.masquerade_mark,
             masquerade_all=self.settings.masquerade_all,
-            local=self.settings.local_detector(family),
+            local=self.settings.local_detector(family, view.pod_cidrs),
             nodeport_ips=self.settings.nodeport_ips(family, view, self._interface_ips),
             node_ip=node_ip,
         )
