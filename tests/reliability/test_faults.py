@@ -223,7 +223,9 @@ _RETRY_RE = re.compile(r"sync failed .*retrying in ([0-9.]+)s")
 def test_restore_failure_is_retried_with_backoff(fc: FaultCluster) -> None:
     c = fc
     a, b = "10.96.9.1", "10.96.9.2"
-    c.start_kproxy("--iptables-sync-period=2s")
+    # Health timeout 2 x 4s: long enough that a slow first sync on a loaded machine does not
+    # make /healthz 503 before the test starts, short enough to see it go 503 below.
+    c.start_kproxy("--iptables-sync-period=4s")
     c.apply(service_obj("a", a), endpoint_slice_obj("a", c.eps("pod-1-2")))
     client = c.pod("pod-1-3")
     c.wait_answered_by(client, a, 80, {"pod-1-2"})
@@ -237,7 +239,7 @@ def test_restore_failure_is_retried_with_backoff(fc: FaultCluster) -> None:
         # A queued change not programmed for longer than 2 x sync period: unhealthy, as
         # upstream.
         eventually("/healthz 503 while changes cannot be programmed",
-                   lambda: healthz(c) == 503, timeout=10)
+                   lambda: healthz(c) == 503, timeout=20)
         alive(c)
         assert not answered(c.send(client, b, 80)[0])
         c.clear("fail")
