@@ -12,7 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 from typing import Protocol as _Interface
 
@@ -21,7 +21,7 @@ import attrs
 from kproxy_core.backend import BackendUnavailable, SyncError
 from kproxy_core.kernel.iptables import RestoreData
 from kproxy_core.model import Protocol
-from kproxy_ipvs.rules import RealServer, VirtualServer, VSKey
+from kproxy_ipvs.rules import FLAG_PERSISTENT, RealServer, VirtualServer, VSKey
 
 _PROTO_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP,
                   "SCTP": socket.IPPROTO_SCTP}
@@ -68,6 +68,73 @@ class Kernel(_Interface):
     def sysctl(self, path: str, value: str) -> None: ...
     def set_timeouts(self, tcp: int, tcpfin: int, udp: int) -> None: ...
     def check_scheduler(self, scheduler: str) -> None: ...
+    # Bulk forms for the first sync of a big node (one call; ``len`` of the input writes).
+    def add_services(self, items: Sequence[tuple[VirtualServer, Sequence[RealServer]]]
+                     ) -> None: ...
+    def add_addresses(self, device: str, addresses: Sequence[str]) -> None: ...
+    def add_entries(self, name: str, set_type: str, entries: Sequence[str]) -> None: ...
+
+
+#: Below this many objects the per-object netlink calls beat starting a tool.
+BULK_MIN = 32
+_IPVSADM_PROTO = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}
+
+
+def _hostport(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def ipvsadm_restore_text(items: Iterable[tuple[VirtualServer, Sequence[RealServer]]]) -> str:
+    """``ipvsadm --restore`` input adding ``items`` (NAT real servers, weight 1). Only for
+    flags ipvsadm can express (none or persistence)."""
+    lines = []
+    for vs, reals in items:
+        proto = _IPVSADM_PROTO[vs.key.protocol]
+        service = _hostport(vs.key.address, vs.key.port)
+        line = f"-A {proto} {service} -s {vs.scheduler}"
+        if vs.flags & FLAG_PERSISTENT:
+            line += f" -p {vs.timeout}"
+        lines.append(line)
+        lines.extend(f"-a {proto} {service} -r {_hostport(r.address, r.port)} -m -w 1"
+                     for r in reals)
+    return "\n".join(lines) + "\n"
+
+
+def _attrs(message: Any, nla: str) -> dict[str, Any]:
+    """The raw attributes of a dump message. Not pyroute2's ``from_message``: it leaves
+    ``timeout``, ``flags`` and the connection counters at its defaults (0)."""
+    return dict(message.get(nla)["attrs"])
+
+
+def parse_service(message: Any) -> VirtualServer | None:
+    """A dumped virtual server, or None for fwmark services and unknown protocols (not ours)."""
+    attrs = _attrs(message, "IPVS_CMD_ATTR_SERVICE")
+    if attrs.get("IPVS_SVC_ATTR_FWMARK"):
+        return None
+    proto = _PROTO_NAMES.get(int(attrs.get("IPVS_SVC_ATTR_PROTOCOL", 0)))
+    if proto is None or "IPVS_SVC_ATTR_ADDR" not in attrs:
+        return None
+    key = VSKey(proto, str(attrs["IPVS_SVC_ATTR_ADDR"]), int(attrs.get("IPVS_SVC_ATTR_PORT", 0)))
+    flags = attrs.get("IPVS_SVC_ATTR_FLAGS") or 0
+    flag_value = int(flags.get("flags", 0)) if isinstance(flags, dict) else int(flags)
+    # The kernel reports IP_VS_SVC_F_HASHED (0x2) on every service: not ours to compare.
+    return VirtualServer(key, str(attrs.get("IPVS_SVC_ATTR_SCHED_NAME", "")), flag_value & ~0x2,
+                         int(attrs.get("IPVS_SVC_ATTR_TIMEOUT", 0)))
+
+
+def parse_dest(message: Any) -> tuple[RealServer, DestStats]:
+    attrs = _attrs(message, "IPVS_CMD_ATTR_DEST")
+    return (RealServer(str(attrs["IPVS_DEST_ATTR_ADDR"]), int(attrs["IPVS_DEST_ATTR_PORT"])),
+            DestStats(int(attrs.get("IPVS_DEST_ATTR_WEIGHT", 0)),
+                      int(attrs.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0)),
+                      int(attrs.get("IPVS_DEST_ATTR_INACT_CONNS", 0))))
+
+
+def _run_batch(argv: list[str], text: str, what: str) -> None:
+    proc = subprocess.run(argv, input=text, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        # The next (full) sync compares with the kernel and finishes the job.
+        raise SyncError(f"{what} failed: {(proc.stderr or proc.stdout).strip()[:500]}")
 
 
 def _modules_hint() -> str:
@@ -127,34 +194,16 @@ class NetlinkKernel:
                         addr_family=socket.AF_INET6 if ":" in real.address else socket.AF_INET)
 
     def list_services(self) -> dict[VSKey, VirtualServer]:
-        from pyroute2 import IPVSService
-
         out: dict[VSKey, VirtualServer] = {}
         for message in self._ipvs.service("dump"):
-            svc = IPVSService.from_message(message)
-            if svc.get("fwmark"):
-                continue
-            proto = _PROTO_NAMES.get(int(svc.get("protocol", 0)))
-            if proto is None:
-                continue
-            key = VSKey(proto, str(svc["addr"]), int(svc["port"]))
-            flags = svc.get("flags") or {}
-            flag_value = int(flags.get("flags", 0)) if isinstance(flags, dict) else int(flags)
-            # The kernel reports IP_VS_SVC_F_HASHED (0x2) on every service: not ours to compare.
-            out[key] = VirtualServer(key, str(svc.get("sched_name", "")), flag_value & ~0x2,
-                                     int(svc.get("timeout", 0)))
+            vs = parse_service(message)
+            if vs is not None:
+                out[vs.key] = vs
         return out
 
     def list_dests(self, key: VSKey) -> dict[RealServer, DestStats]:
-        from pyroute2 import IPVSDest
-
-        out: dict[RealServer, DestStats] = {}
-        for message in self._ipvs.dest("dump", service=self._service(key)):
-            dest = IPVSDest.from_message(message)
-            out[RealServer(str(dest["addr"]), int(dest["port"]))] = DestStats(
-                int(dest.get("weight", 0)), int(dest.get("active_conns", 0)),
-                int(dest.get("inact_conns", 0)))
-        return out
+        return dict(parse_dest(message)
+                    for message in self._ipvs.dest("dump", service=self._service(key)))
 
     def add_service(self, vs: VirtualServer) -> None:
         self._ipvs.service("add", service=self._service(vs))
@@ -174,6 +223,22 @@ class NetlinkKernel:
 
     def del_dest(self, key: VSKey, real: RealServer) -> None:
         self._ipvs.dest("del", service=self._service(key), dest=self._dest(real))
+
+    def add_services(self, items: Sequence[tuple[VirtualServer, Sequence[RealServer]]]
+                     ) -> None:
+        """New virtual servers with their real servers: one ``ipvsadm --restore`` (the same
+        netlink calls, made from C) when there are many, else per object."""
+        ipvsadm = shutil.which("ipvsadm")
+        simple = [(vs, reals) for vs, reals in items if vs.flags & ~FLAG_PERSISTENT == 0]
+        count = sum(1 + len(reals) for _vs, reals in simple)
+        if ipvsadm is not None and count >= BULK_MIN:
+            _run_batch([ipvsadm, "--restore"], ipvsadm_restore_text(simple), "ipvsadm --restore")
+            done = {vs.key for vs, _reals in simple}
+            items = [item for item in items if item[0].key not in done]
+        for vs, reals in items:
+            self.add_service(vs)
+            for real in reals:
+                self.add_dest(vs.key, real, 1)
 
     def check_scheduler(self, scheduler: str) -> None:
         # Upstream's probe: a throw-away service on a documentation address (TEST-NET-2).
@@ -223,6 +288,16 @@ class NetlinkKernel:
         except Exception as exc:
             if getattr(exc, "code", 0) != errno.EEXIST:
                 raise
+
+    def add_addresses(self, device: str, addresses: Sequence[str]) -> None:
+        ip = shutil.which("ip")
+        if ip is None or len(addresses) < BULK_MIN:
+            for address in addresses:
+                self.add_address(device, address)
+            return
+        text = "".join(f"addr add {a}/{128 if ':' in a else 32} dev {device}\n"
+                       for a in addresses)
+        _run_batch([ip, "-batch", "-"], text, "ip -batch (addresses)")
 
     def del_address(self, device: str, address: str) -> None:
         index = self._index(device)
@@ -279,6 +354,15 @@ class NetlinkKernel:
         from kproxy_core.kernel import ipset
 
         ipset.add_entry(name, set_type, entry, self._set_sock())
+
+    def add_entries(self, name: str, set_type: str, entries: Sequence[str]) -> None:
+        tool = shutil.which("ipset")
+        if tool is None or len(entries) < BULK_MIN:
+            for entry in entries:
+                self.add_entry(name, set_type, entry)
+            return
+        text = "".join(f"add {name} {entry}\n" for entry in entries)
+        _run_batch([tool, "restore", "-exist"], text, f"ipset restore ({name})")
 
     def del_entry(self, name: str, set_type: str, entry: str) -> None:
         from kproxy_core.kernel import ipset

@@ -287,26 +287,34 @@ class IpvsProxier(Backend):
                 self.kernel.del_service(key)
                 self._op("virtual_server_del")
                 self._drop_graceful(key)
+        new_services: list[tuple[VirtualServer, list[RealServer]]] = []
         for key, (vs, reals) in self._services.items():
             existing = current.get(key)
             if existing is None:
-                self.kernel.add_service(vs)
-                self._op("virtual_server_add")
-                self._sync_reals(key, reals, {}, is_new=True)
+                new_services.append((vs, sorted(reals)))
                 continue
             if existing != vs:
                 self.kernel.update_service(vs)
                 self._op("virtual_server_update")
             stats = self.kernel.list_dests(key)
             self._sync_reals(key, reals, {r: s.weight for r, s in stats.items()}, is_new=False)
+        # New ones in one go: on a big node's first sync they are nearly everything.
+        if new_services:
+            self.kernel.add_services(new_services)
+            for vs, new_reals in new_services:
+                self._op("virtual_server_add")
+                self._ops["real_server_add"] += len(new_reals)
+                for real in new_reals:
+                    self._graceful.pop((vs.key, real), None)
         # Addresses on kube-ipvs0.
         bound = self.kernel.list_addresses(rules.DUMMY_DEVICE)
         for address in sorted(bound - set(self._addresses)):
             self.kernel.del_address(rules.DUMMY_DEVICE, address)
             self._op("address_del")
-        for address in sorted(set(self._addresses) - bound):
-            self.kernel.add_address(rules.DUMMY_DEVICE, address)
-            self._op("address_add")
+        missing = sorted(set(self._addresses) - bound)
+        if missing:
+            self.kernel.add_addresses(rules.DUMMY_DEVICE, missing)
+            self._ops["address_add"] += len(missing)
         # Set entries.
         for family in self.families:
             for spec in rules.SETS:
@@ -316,9 +324,10 @@ class IpvsProxier(Backend):
                 for entry in sorted(have - desired):
                     self.kernel.del_entry(name, spec.type, entry)
                     self._op("set_entry_del")
-                for entry in sorted(desired - have):
-                    self.kernel.add_entry(name, spec.type, entry)
-                    self._op("set_entry_add")
+                added = sorted(desired - have)
+                if added:
+                    self.kernel.add_entries(name, spec.type, added)
+                    self._ops["set_entry_add"] += len(added)
         # iptables: our chains first (the restore creates them), then the jumps to them.
         self._rules_text = {}
         elapsed = self._write_rules()

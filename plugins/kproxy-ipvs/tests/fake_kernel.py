@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from kproxy_ipvs.netlink import DestStats
 from kproxy_ipvs.rules import RealServer, VirtualServer, VSKey
 
@@ -21,6 +23,7 @@ class FakeKernel:
         self.timeouts: tuple[int, int, int] | None = None
         self.local = ["10.99.0.1", "192.168.5.5"]
         self.writes: list[str] = []
+        self.bulk_calls = 0
         self.schedulers = {"rr", "lc", "wrr", "sh", "mh"}
 
     def _w(self, what: str) -> None:
@@ -61,6 +64,24 @@ class FakeKernel:
     def del_dest(self, key: VSKey, real: RealServer) -> None:
         del self.dests[key][real]
         self._w(f"del_dest {key} {real}")
+
+    def add_services(self, items: Sequence[tuple[VirtualServer, Sequence[RealServer]]]
+                     ) -> None:
+        self.bulk_calls += 1
+        for vs, reals in items:
+            self.add_service(vs)
+            for real in reals:
+                self.add_dest(vs.key, real, 1)
+
+    def add_addresses(self, device: str, addresses: Sequence[str]) -> None:
+        self.bulk_calls += 1
+        for address in addresses:
+            self.add_address(device, address)
+
+    def add_entries(self, name: str, set_type: str, entries: Sequence[str]) -> None:
+        self.bulk_calls += 1
+        for entry in entries:
+            self.add_entry(name, set_type, entry)
 
     def ensure_dummy(self, name: str) -> None:
         self.links.setdefault(name, set())

@@ -194,6 +194,33 @@ def test_local_policy_without_local_endpoints_drops_external_clients_only() -> N
     assert "has no local endpoints" not in kernel.restored[-1].render()
 
 
+def test_first_sync_adds_new_objects_in_bulk_and_counts_each() -> None:
+    proxier, kernel = make()
+    ports = [svc(f"s{i}", f"10.96.1.{i}", 80, (ep(f"10.244.2.{i}", local=False),))
+             for i in range(1, 41)]
+    result = proxier.sync(request(view(*ports)))
+    # Virtual + real servers, addresses, and each non-empty set: one bulk call each.
+    assert kernel.bulk_calls == 4
+    assert result.counters["virtual_server_add"] == 40
+    assert result.counters["real_server_add"] == 40
+    assert result.counters["address_add"] == 40
+    assert result.counters["set_entry_add"] == 80  # KUBE-CLUSTER-IP and KUBE-IPVS-IPS
+    assert result.objects_written == len(kernel.writes) + 1
+
+
+def test_ipvsadm_restore_text() -> None:
+    from kproxy_ipvs.netlink import ipvsadm_restore_text
+
+    plain = rules.VirtualServer(VSKey("UDP", "10.96.0.10", 53), "rr")
+    sticky = rules.VirtualServer(VSKey("TCP", "fd00::10", 80), "lc", rules.FLAG_PERSISTENT, 600)
+    text = ipvsadm_restore_text([(plain, [RealServer("10.244.1.2", 53)]),
+                                 (sticky, [RealServer("fd00::2", 8080)])])
+    assert text == ("-A -u 10.96.0.10:53 -s rr\n"
+                    "-a -u 10.96.0.10:53 -r 10.244.1.2:53 -m -w 1\n"
+                    "-A -t [fd00::10]:80 -s lc -p 600\n"
+                    "-a -t [fd00::10]:80 -r [fd00::2]:8080 -m -w 1\n")
+
+
 def test_ipv6_sets_use_the_kube_6_prefix() -> None:
     proxier, kernel = make(families=(4, 6))
     kernel.local.append("fd00::1")
@@ -273,3 +300,25 @@ def test_describe_reads_the_kernel() -> None:
     info = proxier.describe(key("web"))
     assert info["virtual_servers"]["TCP/10.96.0.10:80"]["10.244.2.2:8080"]["weight"] == 1
     assert info["addresses"] == ["10.96.0.10"]
+
+
+def test_dump_parsing_reads_flags_timeout_and_connection_counts() -> None:
+    # pyroute2's from_message left these at its defaults (0): graceful termination then
+    # deleted real servers with live connections, and every full sync rewrote sticky services.
+    from kproxy_ipvs.netlink import parse_dest, parse_service
+
+    service = {"IPVS_CMD_ATTR_SERVICE": {"attrs": [
+        ("IPVS_SVC_ATTR_AF", 2), ("IPVS_SVC_ATTR_PROTOCOL", 6),
+        ("IPVS_SVC_ATTR_ADDR", "10.96.0.10"), ("IPVS_SVC_ATTR_PORT", 80),
+        ("IPVS_SVC_ATTR_SCHED_NAME", "rr"),
+        ("IPVS_SVC_ATTR_FLAGS", {"flags": 0x3, "mask": 0xFFFFFFFF}),
+        ("IPVS_SVC_ATTR_TIMEOUT", 600)]}}
+    assert parse_service(service) == rules.VirtualServer(
+        VSKey("TCP", "10.96.0.10", 80), "rr", rules.FLAG_PERSISTENT, 600)
+    fwmark = {"IPVS_CMD_ATTR_SERVICE": {"attrs": [("IPVS_SVC_ATTR_FWMARK", 7)]}}
+    assert parse_service(fwmark) is None
+    dest = {"IPVS_CMD_ATTR_DEST": {"attrs": [
+        ("IPVS_DEST_ATTR_ADDR", "10.244.1.2"), ("IPVS_DEST_ATTR_PORT", 8080),
+        ("IPVS_DEST_ATTR_WEIGHT", 0), ("IPVS_DEST_ATTR_ACTIVE_CONNS", 3),
+        ("IPVS_DEST_ATTR_INACT_CONNS", 2)]}}
+    assert parse_dest(dest) == (RealServer("10.244.1.2", 8080), DestStats(0, 3, 2))

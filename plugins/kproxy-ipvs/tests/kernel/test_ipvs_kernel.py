@@ -274,6 +274,29 @@ def test_incremental_change_and_graceful_termination(cluster: ClusterSandbox) ->
     assert counters.get("real_server_update") == 1
 
 
+def test_bulk_first_sync(cluster: ClusterSandbox) -> None:
+    """Enough objects for the bulk paths (ipvsadm --restore, ip -batch, ipset restore)."""
+    count = 40  # > netlink.BULK_MIN addresses and set entries
+    many = [svc(f"bulk{i}", f"10.96.1.{i}", 80, ALL,
+                session_affinity_timeout=60 if i % 2 else None) for i in range(1, count + 1)]
+
+    def check(_p: Any) -> dict[str, Any]:
+        return {"lines": echo(cluster.client, "tcp", "10.96.1.7", 80, count=2),
+                "ipvsadm": cluster.node.run(["ipvsadm", "-Ln"]).stdout,
+                "addr": cluster.node.run(["ip", "-o", "addr", "show", "dev", "kube-ipvs0"]).stdout,
+                "sets": cluster.node.run(["ipset", "save", "KUBE-CLUSTER-IP"]).stdout}
+
+    counters, out = program(cluster, [view(*many)], check)
+    assert counters[0]["virtual_server_add"] == count
+    assert counters[0]["real_server_add"] == 3 * count
+    assert out["ipvsadm"].count("Masq") == 3 * count, out["ipvsadm"]
+    assert out["ipvsadm"].count("persistent 60") == count // 2, out["ipvsadm"]
+    assert all(f"10.96.1.{i}/32" in out["addr"] for i in range(1, count + 1)), out["addr"]
+    assert all(f"add KUBE-CLUSTER-IP 10.96.1.{i},tcp:80" in out["sets"]
+               for i in range(1, count + 1)), out["sets"]
+    assert len(names(out["lines"])) == 1, out["lines"]
+
+
 def test_cleanup_removes_everything(cluster: ClusterSandbox) -> None:
     web = svc("web", "10.96.0.19", 80, ALL, node_port=30082)
     program(cluster, [view(web)], lambda _p: None)
