@@ -115,3 +115,57 @@ def test_sections_give_the_same_kernel_state_as_one_transaction() -> None:
     assert any(line.startswith("-A KUBE-SEP-") for line in one)
     # Rules inside one chain keep their order; only KUBE-SERVICES lists services differently.
     assert many == one
+
+
+def _builtin_lines(text: str) -> list[str]:
+    chains = ("INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING")
+    return [line for line in text.splitlines() if line.startswith(tuple(
+        f"-A {c} " for c in chains))]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_full_syncs_write_missing_jumps_in_their_transaction(backend: str) -> None:
+    import subprocess
+
+    from iptables_helpers import context, view
+    from kproxy_iptables.proxier import IptablesProxier
+
+    from kproxy_core.backend import SyncRequest
+    from kproxy_core.kernel.iptables_writers import detect_backend
+
+    def pick_backend() -> None:
+        if backend == "legacy":  # kubelet's hint chain makes detection pick legacy
+            subprocess.run(["iptables-legacy", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"],
+                           check=True)
+        detect_backend.cache_clear()
+
+    def by_commands() -> list[str]:
+        pick_backend()
+        proxier = IptablesProxier(context({"clusterCIDR": "10.0.0.0/8"}))
+        writer = proxier.writer(4)
+        proxier._ensure_jumps(writer, 4)
+        return _builtin_lines(writer.save("filter") + writer.save("nat"))
+
+    def by_sync() -> tuple[list[str], list[str], list[str]]:
+        pick_backend()
+        proxier = IptablesProxier(context({"clusterCIDR": "10.0.0.0/8"}))
+        v = view(*ports(3))
+        writer = proxier.writer(4)
+        proxier.sync(SyncRequest(v, frozenset(v.services), True))
+        first = _builtin_lines(writer.save("filter") + writer.save("nat"))
+        proxier.sync(SyncRequest(v, frozenset(), True))
+        again = _builtin_lines(writer.save("filter") + writer.save("nat"))
+        jump = R.JUMP_RULES[3]
+        assert writer.delete_rule(jump.table, jump.source, jump.args())
+        proxier.sync(SyncRequest(v, frozenset(), True))
+        repaired = _builtin_lines(writer.save("filter") + writer.save("nat"))
+        return first, again, repaired
+
+    with Sandbox() as sandbox:
+        expected = in_netns(sandbox.netns("cmd").name, by_commands)
+        first, again, repaired = in_netns(sandbox.netns("sync").name, by_sync)
+    assert len(expected) == len(R.JUMP_RULES) + len(R.KUBELET_JUMP_RULES)
+    assert first == expected
+    assert again == expected
+    assert sorted(repaired) == sorted(expected)
