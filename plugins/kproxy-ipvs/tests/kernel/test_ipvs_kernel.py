@@ -269,9 +269,10 @@ def test_incremental_change_and_graceful_termination(cluster: ClusterSandbox) ->
                                                    timeout=NETNS_TIMEOUT)
     assert weight == 0
     assert pinned not in new_conns and new_conns, new_conns
-    # One changed port: one real server update, no virtual server or set churn.
-    assert counters["kernel_ops"] == 1, counters
-    assert counters.get("real_server_update") == 1
+    # One changed port: the removed endpoint's weight goes to 0 and its hairpin entry
+    # (KUBE-LOOP-BACK) goes; no virtual server, address or other set churn.
+    assert counters["kernel_ops"] == 2, counters
+    assert counters.get("real_server_update") == 1 and counters.get("set_entry_del") == 1
 
 
 def test_bulk_first_sync(cluster: ClusterSandbox) -> None:
@@ -302,7 +303,9 @@ def test_cleanup_removes_everything(cluster: ClusterSandbox) -> None:
     program(cluster, [view(web)], lambda _p: None)
     removed = cleanup_node(cluster)
     assert any("virtual servers" in line for line in removed), removed
-    assert cluster.node.run(["ipvsadm", "-Ln"]).stdout.count("->") == 0
+    listing = cluster.node.run(["ipvsadm", "-Ln"]).stdout.splitlines()
+    # Past the three header lines (the last one is "  -> RemoteAddress:Port ...").
+    assert listing[3:] == [], listing
     assert cluster.node.run(["ip", "link", "show", "kube-ipvs0"], check=False).returncode != 0
     assert "KUBE-" not in cluster.node.run(["ipset", "list", "-n"]).stdout
     assert "KUBE-SERVICES" not in cluster.node.run(["iptables-save", "-t", "nat"]).stdout
