@@ -27,11 +27,12 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import attrs
 
@@ -628,11 +629,75 @@ _NFT_HOST_MESSAGE = ("the libiptc writer needs the iptables legacy backend; this
                      "nf_tables: use --iptables-writer=restore")
 
 
+#: The address family whose libiptc transactions run in this process. libxtables keeps its
+#: extension registry in process-global state for the first family that loads it: a second
+#: family then fails with "can't find target MASQUERADE" (python-iptables issues #316, #325;
+#: its maintainer: "only use one address family per process"). The other family's
+#: transactions go to a helper process of its own (`_LibiptcHelper`).
+_in_process_family: int | None = None
+
+
+def _libiptc_helper_main() -> None:
+    """Entry point of the helper process (``argv``: family, backend): apply restore texts
+    for one family, one pickled request and answer at a time over stdin/stdout."""
+    import pickle
+
+    global _in_process_family
+    family, backend = int(sys.argv[1]), cast(Backend, sys.argv[2])
+    _in_process_family = family
+    writer = LibiptcWriter(family, backend)
+    requests, answers = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            text, noflush = pickle.load(requests)
+        except EOFError:
+            return
+        try:
+            answer: tuple[str, Any] = ("ok", writer.restore_text(text, noflush=noflush))
+        except RestoreError as exc:
+            answer = ("error", exc)
+        except Exception as exc:  # reported to the caller as a restore failure
+            answer = ("error", RestoreError("libiptc", 1, None, None, str(exc)))
+        pickle.dump(answer, answers)
+        answers.flush()
+
+
+class _LibiptcHelper:
+    """A long-lived fresh interpreter (so libxtables starts clean) that runs one family's
+    libiptc transactions. A child process stays in the caller's network namespace."""
+
+    def __init__(self, family: int, backend: Backend) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c",
+             "from kproxy_core.kernel.iptables_writers import _libiptc_helper_main as m; m()",
+             str(family), backend],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def restore_text(self, text: str, noflush: bool) -> float:
+        import pickle
+
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        try:
+            pickle.dump((text, noflush), self._proc.stdin)
+            self._proc.stdin.flush()
+            status, value = pickle.load(self._proc.stdout)
+        except (OSError, EOFError) as exc:
+            raise RestoreError("libiptc", 1, None, None,
+                               f"the libiptc helper process failed: {exc}") from None
+        if status == "error":
+            raise value
+        return float(value)
+
+
+_helpers: dict[int, _LibiptcHelper] = {}
+
+
 class LibiptcWriter(_CommandWriter):
     """Applies transactions through libiptc (python-iptables), one commit per table.
 
     Single-rule operations (ensure_rule...) go through the ``iptables-legacy`` binary like the
-    restore writer's, so both writers behave the same there.
+    restore writer's, so both writers behave the same there. The first family used in a
+    process runs in it; the other one in a helper process (see `_in_process_family`).
     """
 
     def __init__(self, family: int, backend: Backend = "legacy") -> None:
@@ -663,6 +728,17 @@ class LibiptcWriter(_CommandWriter):
 
     def restore_text(self, text: str, *, noflush: bool = True) -> float:
         """Apply iptables-restore text through libiptc."""
+        global _in_process_family
+        if _in_process_family is None:
+            _in_process_family = self.family
+        if _in_process_family != self.family:
+            helper = _helpers.get(self.family)
+            if helper is None:
+                helper = _helpers[self.family] = _LibiptcHelper(self.family, self.backend)
+            return helper.restore_text(text, noflush)
+        return self._restore_in_process(text, noflush)
+
+    def _restore_in_process(self, text: str, noflush: bool) -> float:
         import iptc
 
         start = time.perf_counter()

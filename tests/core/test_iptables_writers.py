@@ -324,3 +324,26 @@ def test_detect_backend_follows_the_namespace_rules(ns: NetNS) -> None:
     assert run_in(ns, scenario("legacy")) == "legacy"
     with Sandbox() as other:
         assert in_netns(other.netns("nft").name, scenario("nft")) == "nft"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("first", [6, 4])
+def test_libiptc_serves_both_families_in_one_process(ns: NetNS, first: int) -> None:
+    """libxtables keeps one family's extensions per process; the writer runs the other
+    family in a helper process, so a dual-stack proxy can use libiptc for both."""
+
+    def both() -> list[str]:
+        out = []
+        for family in (first, 10 - first):
+            data = RestoreData(family)
+            nat = data.table("nat")
+            nat.chain("KUBE-POSTROUTING")
+            nat.rule("KUBE-POSTROUTING", "-j", "MASQUERADE", "--random-fully")
+            make_writer("libiptc", family, "legacy").restore(data)
+            binary = "ip6tables-legacy-save" if family == 6 else "iptables-legacy-save"
+            out.append(subprocess.run([binary, "-t", "nat"], capture_output=True, text=True,
+                                      check=True).stdout)
+        return out
+
+    for save in run_in(ns, both):
+        assert "-A KUBE-POSTROUTING -j MASQUERADE --random-fully" in save
