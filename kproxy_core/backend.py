@@ -57,6 +57,27 @@ class ConfigView(Protocol):
         ...
 
 
+def config_value(config: ConfigView, path: str, default: Any) -> Any:
+    """``config.get(path)``, or ``default`` when the path is not declared (a mode run against
+    a small test config) or unset."""
+    try:
+        value = config.get(path)
+    except (KeyError, LookupError, AttributeError):
+        return default
+    return default if value is None else value
+
+
+def as_list(value: object) -> list[str]:
+    """A list of strings from a config value: a tuple/list, or a comma-separated string."""
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, Sequence):
+        return [str(v).strip() for v in value if str(v).strip()]
+    raise ValueError(f"expected a list of strings, got {value!r}")
+
+
 @attrs.frozen
 class SyncRequest:
     """What a backend is asked to program.

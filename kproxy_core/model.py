@@ -17,7 +17,7 @@ services).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Literal
 
@@ -35,6 +35,19 @@ def ip_family(address: str) -> IPFamily:
     if "/" in address:
         return 6 if ipaddress.ip_network(address, strict=False).version == 6 else 4
     return 6 if ipaddress.ip_address(address).version == 6 else 4
+
+
+def of_family(values: Iterable[str], family: int) -> list[str]:
+    """The addresses or CIDRs of ``values`` in IP ``family``, in order (invalid ones dropped)."""
+    out = []
+    for value in values:
+        try:
+            version = ipaddress.ip_network(value, strict=False).version
+        except ValueError:
+            continue
+        if version == family:
+            out.append(value)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

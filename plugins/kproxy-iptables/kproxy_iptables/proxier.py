@@ -23,45 +23,15 @@ from kproxy_core.backend import (
     SyncError,
     SyncRequest,
     SyncResult,
+    as_list,
+    config_value,
 )
 from kproxy_core.kernel.iptables import RestoreData, quote
-from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey
+from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey, of_family
 from kproxy_iptables import rules as R
 
 ROUTE_LOCALNET = "/proc/sys/net/ipv4/conf/all/route_localnet"
 TCP_BE_LIBERAL = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
-
-
-def config_value(config: ConfigView, path: str, default: Any) -> Any:
-    """``config.get(path)``, or ``default`` when the option is not declared (a core without
-    that option, or a test's small config)."""
-    try:
-        value = config.get(path)
-    except (KeyError, LookupError, AttributeError):
-        return default
-    return default if value is None else value
-
-
-def _as_list(value: object) -> list[str]:
-    if not value:
-        return []
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    if isinstance(value, Sequence):
-        return [str(v).strip() for v in value if str(v).strip()]
-    raise ValueError(f"expected a list of strings, got {value!r}")
-
-
-def _of_family(values: Sequence[str], family: int) -> list[str]:
-    out = []
-    for value in values:
-        try:
-            version = ipaddress.ip_network(value, strict=False).version
-        except ValueError:
-            continue
-        if version == family:
-            out.append(value)
-    return out
 
 
 class Settings:
@@ -76,11 +46,11 @@ class Settings:
             int(config_value(config, "iptables.masqueradeBit", 14)))
         self.localhost_nodeports = bool(
             config_value(config, "iptables.localhostNodePorts", True))
-        self.cluster_cidrs = _as_list(config_value(config, "clusterCIDR", ""))
+        self.cluster_cidrs = as_list(config_value(config, "clusterCIDR", ""))
         self.detect_local_mode = str(config_value(config, "detectLocalMode", "") or "ClusterCIDR")
         self.bridge_interface = str(config_value(config, "detectLocal.bridgeInterface", ""))
         self.interface_prefix = str(config_value(config, "detectLocal.interfaceNamePrefix", ""))
-        self.nodeport_addresses = _as_list(config_value(config, "nodePortAddresses", ()))
+        self.nodeport_addresses = as_list(config_value(config, "nodePortAddresses", ()))
         modes = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
         if self.detect_local_mode not in modes:
             raise ValueError(f"detectLocalMode must be one of {', '.join(modes)}, "
@@ -91,9 +61,9 @@ class Settings:
         which detectLocalMode NodeCIDR uses."""
         mode = self.detect_local_mode
         if mode == "ClusterCIDR":
-            return R.LocalDetector.for_cidrs(_of_family(self.cluster_cidrs, family))
+            return R.LocalDetector.for_cidrs(of_family(self.cluster_cidrs, family))
         if mode == "NodeCIDR":
-            return R.LocalDetector.for_cidrs(_of_family(list(pod_cidrs), family))
+            return R.LocalDetector.for_cidrs(of_family(list(pod_cidrs), family))
         if mode == "BridgeInterface":
             return R.LocalDetector.for_interface(self.bridge_interface)
         prefix = self.interface_prefix

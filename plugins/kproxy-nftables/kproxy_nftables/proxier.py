@@ -28,43 +28,15 @@ from kproxy_core.backend import (
     SyncError,
     SyncRequest,
     SyncResult,
+    as_list,
+    config_value,
 )
-from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey
+from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey, of_family
 from kproxy_nftables import netlink, nft
 from kproxy_nftables import rules as R
 from kproxy_nftables.transaction import Plan, diff_plan, full_plan
 
 DEFAULT_MASQUERADE_BIT = 14
-
-
-def config_value(config: ConfigView, path: str, default: Any) -> Any:
-    """``config.get(path)``, or ``default`` when no installed plugin declares the path."""
-    try:
-        value = config.get(path)
-    except (KeyError, LookupError, AttributeError):
-        return default
-    return default if value is None else value
-
-
-def _as_list(value: object) -> list[str]:
-    if not value:
-        return []
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    if isinstance(value, Sequence):
-        return [str(v).strip() for v in value if str(v).strip()]
-    raise ValueError(f"expected a list of strings, got {value!r}")
-
-
-def _of_family(values: Sequence[str], family: int) -> list[str]:
-    out = []
-    for value in values:
-        try:
-            if ipaddress.ip_network(value, strict=False).version == family:
-                out.append(value)
-        except ValueError:
-            continue
-    return out
 
 
 class Settings:
@@ -79,11 +51,11 @@ class Settings:
         if bit == DEFAULT_MASQUERADE_BIT:
             bit = int(config_value(config, "iptables.masqueradeBit", DEFAULT_MASQUERADE_BIT))
         self.masquerade_mark = R.masquerade_mark(bit)
-        self.cluster_cidrs = _as_list(config_value(config, "clusterCIDR", ""))
+        self.cluster_cidrs = as_list(config_value(config, "clusterCIDR", ""))
         self.detect_local_mode = str(config_value(config, "detectLocalMode", "") or "ClusterCIDR")
         self.bridge_interface = str(config_value(config, "detectLocal.bridgeInterface", ""))
         self.interface_prefix = str(config_value(config, "detectLocal.interfaceNamePrefix", ""))
-        self.nodeport_addresses = _as_list(config_value(config, "nodePortAddresses", ()))
+        self.nodeport_addresses = as_list(config_value(config, "nodePortAddresses", ()))
         modes = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
         if self.detect_local_mode not in modes:
             raise ValueError(f"detectLocalMode must be one of {', '.join(modes)}, "
@@ -94,9 +66,9 @@ class Settings:
         which detectLocalMode NodeCIDR uses."""
         mode = self.detect_local_mode
         if mode == "ClusterCIDR":
-            return R.LocalDetector.for_cidrs(family, _of_family(self.cluster_cidrs, family))
+            return R.LocalDetector.for_cidrs(family, of_family(self.cluster_cidrs, family))
         if mode == "NodeCIDR":
-            return R.LocalDetector.for_cidrs(family, _of_family(list(pod_cidrs), family))
+            return R.LocalDetector.for_cidrs(family, of_family(list(pod_cidrs), family))
         if mode == "BridgeInterface":
             return R.LocalDetector.for_interface(self.bridge_interface)
         return R.LocalDetector.for_interface(
