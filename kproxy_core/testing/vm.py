@@ -35,6 +35,15 @@ class VMUnavailable(RuntimeError):
     pass
 
 
+#: Directories the guest mounts fresh (tmpfs): the host's files there are invisible to it.
+GUEST_TMPFS = ("/tmp", "/var/tmp", "/run", "/var/log", "/var/cache")
+
+
+def hidden_in_guest(path: str) -> bool:
+    real = os.path.realpath(path)
+    return any(real == top or real.startswith(top + "/") for top in GUEST_TMPFS)
+
+
 def _has_module(release: str, module: str, modules_root: str) -> bool:
     """Whether ``/lib/modules/<release>`` has ``module`` (loadable or built in)."""
     tree = os.path.join(modules_root, release)
@@ -129,6 +138,11 @@ def run_in_vm(argv: Sequence[str], *, modules: Sequence[str] = (), kernel: str |
         raise ValueError("no command given")
     if argv[0] in ("python", "python3"):
         argv[0] = sys.executable
+    for what, path in (("working directory", cwd or os.getcwd()), ("Python", sys.executable)):
+        if hidden_in_guest(path):
+            raise VMUnavailable(
+                f"the {what} {path} is under {', '.join(GUEST_TMPFS)}, which the guest mounts "
+                "fresh: use a checkout (and virtualenv) elsewhere")
     vng_argv = build_vng_argv(argv, kernel=kernel or find_kernel(modules), modules=modules,
                               cwd=cwd or os.getcwd(), memory=memory, cpus=cpus, kvm=kvm,
                               env=guest_env(env))

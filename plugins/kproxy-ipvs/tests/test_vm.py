@@ -44,3 +44,10 @@ def test_guest_script_loads_modules_then_execs_with_the_environment() -> None:
     assert words[3:6] == ["modprobe", "ip_vs", "&&"]
     assert words[6:] == ["exec", "env", "KPROXY_IN_VM=1", "python", "-m", "pytest", "-k", "a b"]
     assert vm.guest_env()[vm.IN_VM_ENV] == "1"
+
+
+def test_paths_the_guest_cannot_see_are_refused() -> None:
+    assert vm.hidden_in_guest("/tmp/checkout") and vm.hidden_in_guest("/var/tmp")
+    assert not vm.hidden_in_guest("/work/main") and not vm.hidden_in_guest("/tmpfoo")
+    with pytest.raises(vm.VMUnavailable, match="guest mounts fresh"):
+        vm.run_in_vm(["true"], cwd="/tmp", kernel="/boot/none")
