@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FaultCluster
 from e2e_harness import answered
+from reliability_harness import FaultCluster
 
 from kproxy_core.demo import endpoint_slice_obj, kproxy_command, service_obj, svc_port
 from kproxy_core.testing.netns import NetNS, Sandbox

@@ -16,9 +16,9 @@ from pathlib import Path
 from types import TracebackType
 
 import pytest
-from conftest import FaultCluster, record
 from e2e_harness import HEALTHZ, answered, eventually
 from e2e_netns import NetnsThread
+from reliability_harness import FaultCluster, record
 
 from kproxy_core.demo import Ep, endpoint_slice_obj, kproxy_command, service_obj
 from kproxy_core.testing import echo

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import FaultCluster, require_fault_mode
 from e2e_harness import eventually
+from reliability_harness import FaultCluster, require_fault_mode
 
 from kproxy_core.demo import endpoint_slice_obj, kproxy_command, service_obj
 from kproxy_core.testing.netns import NetNS, Sandbox
