@@ -47,6 +47,10 @@ OPTIONS = [
            "How TCP bytes are moved: splice (zero-copy through a pipe), copy (recv/send), or "
            "auto (splice, copy where the kernel refuses it).",
            choices=("auto", "splice", "copy"), owner=MODE),
+    Option("userspace.eventLoop", "--userspace-event-loop", STRING, "auto",
+           "Event loop of the relay: uvloop (pip install 'kproxy-userspace[uvloop]'), asyncio, "
+           "or auto (uvloop when installed, else asyncio).",
+           choices=("auto", "asyncio", "uvloop"), owner=MODE),
 ]
 
 

@@ -22,7 +22,7 @@ from kproxy_core.backend import (
 )
 from kproxy_core.model import ResolvedServicePort, ServicePortKey, ip_family
 from kproxy_userspace import rules
-from kproxy_userspace.relay import DataPlane, Limits, RateLimitedLog
+from kproxy_userspace.relay import DataPlane, Limits, LoopUnavailable, RateLimitedLog
 
 Role = Literal["internal", "external"]
 ListenerId = tuple[ServicePortKey, Role]
@@ -33,6 +33,7 @@ DEFAULTS: Mapping[str, Any] = {
     "userspace.maxConnections": 0,
     "userspace.connectRetries": 4,
     "userspace.relay": "auto",
+    "userspace.eventLoop": "auto",
 }
 
 
@@ -63,6 +64,13 @@ class UserspaceProxier(Backend):
     @classmethod
     def check_supported(cls, context: BackendContext) -> None:
         resolve_algorithm(context)
+        if _option(context, "userspace.eventLoop") == "uvloop":
+            try:
+                import uvloop  # noqa: F401
+            except ImportError as exc:
+                raise BackendUnavailable(
+                    "--userspace-event-loop=uvloop but uvloop is not installed "
+                    "(pip install 'kproxy-userspace[uvloop]')") from exc
         for family in context.families:
             if family == 4:
                 rules.make_writer(4)
@@ -75,6 +83,7 @@ class UserspaceProxier(Backend):
             connect_retries=int(_option(context, "userspace.connectRetries")),
             udp_idle_timeout=float(_option(context, "userspace.udpIdleTimeout")),
             relay=_option(context, "userspace.relay"),
+            event_loop=_option(context, "userspace.eventLoop"),
         )
         self.log = context.logger
         self._warn = RateLimitedLog(self.log, interval=300)
@@ -92,7 +101,10 @@ class UserspaceProxier(Backend):
                 if family == 4 or len(context.families) == 1:
                     raise
                 self.log.warning("userspace: IPv%d services are not proxied: %s", family, exc)
-        self.plane = DataPlane(self.limits, self.log)
+        try:
+            self.plane = DataPlane(self.limits, self.log)
+        except LoopUnavailable as exc:
+            raise BackendUnavailable(str(exc)) from exc
         self.plane.start()
         #: What is programmed: service port → its portal (listener ports).
         self.portals: dict[ServicePortKey, rules.Portal] = {}

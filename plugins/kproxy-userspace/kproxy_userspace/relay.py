@@ -33,11 +33,15 @@ from kproxy_core.model import Endpoint
 
 T = TypeVar("T")
 RelayMode = Literal["auto", "splice", "copy"]
+LoopKind = Literal["auto", "asyncio", "uvloop"]
 
 #: Upstream's userspace proxy dialled endpoints with these timeouts, one per attempt.
 CONNECT_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
 #: Bytes moved per splice/recv call; also the pipe size asked for.
 CHUNK = 1 << 20
+#: Under ``relay=auto``, bytes a direction copies before it switches to splice.
+SPLICE_AFTER = 64 * 1024
+COPY_BUFFER = 256 * 1024
 #: Connections accepted (or datagrams read) per readiness event: bounded so one busy listener
 #: cannot starve the others on the loop.
 BATCH = 64
@@ -74,6 +78,30 @@ class Limits:
     connect_retries: int = len(CONNECT_TIMEOUTS)
     udp_idle_timeout: float = 0.25
     relay: RelayMode = "auto"
+    event_loop: LoopKind = "auto"
+
+
+class LoopUnavailable(RuntimeError):
+    """``event_loop="uvloop"`` was asked for and uvloop cannot be imported."""
+
+
+def new_event_loop(kind: LoopKind) -> tuple[asyncio.AbstractEventLoop, str]:
+    """The relay's event loop and its name: uvloop when installed (``auto``) or asked for.
+
+    uvloop's reader/writer registration and callback dispatch are C, which is most of the
+    Python cost of a short connection; plain asyncio is the fallback, not an error.
+    """
+    if kind != "asyncio":
+        try:
+            import uvloop
+        except ImportError as exc:
+            if kind == "uvloop":
+                raise LoopUnavailable(
+                    "--userspace-event-loop=uvloop but uvloop is not installed "
+                    "(pip install 'kproxy-userspace[uvloop]')") from exc
+        else:
+            return uvloop.new_event_loop(), "uvloop"
+    return asyncio.new_event_loop(), "asyncio"
 
 
 class RateLimitedLog:
@@ -200,12 +228,17 @@ class DataPlane:
         self.limits = limits
         self.logger = logger
         self.ratelimited = RateLimitedLog(logger)
-        self.loop = asyncio.new_event_loop()
+        self.loop, self.loop_name = new_event_loop(limits.event_loop)
+        logger.info("userspace: relay event loop: %s", self.loop_name)
         self.loop.set_exception_handler(self._on_loop_error)
         self.listeners: dict[Any, TcpListener | UdpListener] = {}
         #: Open TCP connections (connecting or relaying) and UDP sessions, for the limit.
         self.active = 0
         self.splice_enabled = limits.relay != "copy"
+        #: `_Direction.copy_left` of a new relay: copy for good, splice at once, or copy first.
+        self.copy_first = {"copy": -1, "splice": 0}.get(limits.relay, SPLICE_AFTER)
+        #: The copy path's one buffer (the loop is one thread; see `_Direction`).
+        self.buffer = memoryview(bytearray(COPY_BUFFER))
         self._pipes: list[tuple[int, int]] = []
         self._thread = threading.Thread(target=self._run, name="kproxy-userspace-relay",
                                         daemon=True)
@@ -341,6 +374,7 @@ class DataPlane:
             "active": self.active,
             "listeners": len(self.listeners),
             "splice": self.splice_enabled,
+            "event_loop": self.loop_name,
             "pooled_pipes": len(self._pipes),
         }
 
@@ -502,16 +536,22 @@ class _Connector(_Closable):
             self._attempt_failed(endpoint, os.strerror(err))
 
     def _on_writable(self, endpoint: Endpoint) -> None:
-        assert self.server is not None
-        err = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self.listener.plane.loop.remove_writer(self.server.fileno())
+        server = self.server
+        assert server is not None
+        fd = server.fileno()
+        err = server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if self.handles is not None:
             self.handles.cancel()
             self.handles = None
+        loop = self.listener.plane.loop
         if err:
+            loop.remove_writer(fd)
             self._attempt_failed(endpoint, os.strerror(err))
         else:
+            # Reading is registered before writing is dropped, so the fd's registration is
+            # modified rather than deleted and added again (uvloop keeps its poll handle).
             self._connected(endpoint)
+            loop.remove_writer(fd)
 
     def _on_timeout(self, endpoint: Endpoint) -> None:
         self.handles = None
@@ -536,13 +576,20 @@ class _Connector(_Closable):
 
 
 class _Direction:
-    """One half of a relay: bytes from ``src`` to ``dst``."""
+    """One half of a relay: bytes from ``src`` to ``dst``.
 
-    __slots__ = ("buffer", "counter", "dst", "dst_fd", "eof", "pending", "pending_view", "pipe",
-                 "relay", "src", "src_fd", "waiting")
+    Copy mode reads into the plane's one shared buffer and sends at once (the loop is one
+    thread, so the buffer is free again when the callback returns); only bytes ``dst`` would
+    not take are kept, as a copy of their own. Under ``relay=auto`` a direction copies its
+    first `SPLICE_AFTER` bytes and splices after that: a request or an answer of a few bytes
+    costs the same two system calls either way, without taking a pipe.
+    """
+
+    __slots__ = ("copy_left", "counter", "dst", "dst_fd", "eof", "pending", "pending_view",
+                 "pipe", "relay", "src", "src_fd", "waiting")
 
     def __init__(self, relay: _TcpRelay, src: socket.socket, dst: socket.socket,
-                 counter: Counter) -> None:
+                 counter: Counter, copy_left: int) -> None:
         self.relay = relay
         self.src = src
         self.dst = dst
@@ -550,7 +597,8 @@ class _Direction:
         self.dst_fd = dst.fileno()
         self.counter = counter
         self.pipe: tuple[int, int] | None = None
-        self.buffer: memoryview | None = None
+        #: Bytes still to move by copying before splicing (negative: copy for good).
+        self.copy_left = copy_left
         self.pending = 0
         self.pending_view: memoryview | None = None
         self.eof = False
@@ -560,7 +608,7 @@ class _Direction:
     # splice: socket → pipe → socket, payload never enters Python.
 
     def on_readable(self) -> None:
-        if self.buffer is not None:
+        if self.copy_left:
             self._read_copy()
             return
         plane = self.relay.plane
@@ -602,18 +650,18 @@ class _Direction:
         self.pending = 0
         self._drained()
 
-    # copy: recv_into a preallocated buffer, then send.
+    # copy: recv_into the shared buffer, then send.
 
     def _switch_to_copy(self) -> None:
         if self.pipe is not None:
             self.relay.plane.put_pipe(self.pipe, empty=True)
             self.pipe = None
-        self.buffer = memoryview(bytearray(min(CHUNK, 256 * 1024)))
+        self.copy_left = -1
 
     def _read_copy(self) -> None:
-        assert self.buffer is not None
+        buffer = self.relay.plane.buffer
         try:
-            count = self.src.recv_into(self.buffer)
+            count = self.src.recv_into(buffer)
         except BlockingIOError:
             return
         except OSError:
@@ -622,8 +670,22 @@ class _Direction:
         if count == 0:
             self._eof()
             return
-        self.pending_view = self.buffer[:count]
-        self._flush_copy()
+        if self.copy_left > 0:
+            # Reaching 0 switches to splice; negative (copy for good) stays negative.
+            self.copy_left = max(0, self.copy_left - count)
+        view = buffer[:count]
+        try:
+            sent = self.dst.send(view)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.relay.abort()
+            return
+        self.counter.inc(sent)
+        if sent < count:
+            # The shared buffer is reused by the next callback: keep the rest aside.
+            self.pending_view = memoryview(bytes(view[sent:]))
+            self._flush_copy()
 
     def _flush_copy(self) -> None:
         view = self.pending_view
@@ -646,7 +708,7 @@ class _Direction:
     # flow control
 
     def on_writable(self) -> None:
-        if self.buffer is not None:
+        if self.pending_view is not None:
             self._flush_copy()
         else:
             self._flush_pipe()
@@ -676,10 +738,13 @@ class _Direction:
             self._half_close()
 
     def _half_close(self) -> None:
-        try:
-            self.dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        if not self.relay.done:
+            # The other direction still runs: tell ``dst`` no more bytes come. When it is done
+            # already, both sockets close now and close sends the FIN itself.
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         self.relay.half_closed(self)
 
     def release(self) -> None:
@@ -707,17 +772,15 @@ class _TcpRelay(_Closable):
         self.done = 0
         self.closed = False
         labels = listener.labels
-        upstream = _Direction(self, client, server, labels.bytes_in)
-        downstream = _Direction(self, server, client, labels.bytes_out)
-        if not self.plane.splice_enabled:
-            upstream._switch_to_copy()
-            downstream._switch_to_copy()
+        copy_left = self.plane.copy_first
+        upstream = _Direction(self, client, server, labels.bytes_in, copy_left)
+        downstream = _Direction(self, server, client, labels.bytes_out, copy_left)
         self.directions = (upstream, downstream)
         listener.balancer.opened(self, endpoint)
         self.plane.track(self)
         loop = self.plane.loop
-        loop.add_reader(upstream.src_fd, upstream.on_readable)
         loop.add_reader(downstream.src_fd, downstream.on_readable)
+        loop.add_reader(upstream.src_fd, upstream.on_readable)
 
     def half_closed(self, direction: _Direction) -> None:
         self.done += 1

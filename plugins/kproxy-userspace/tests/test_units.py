@@ -110,6 +110,10 @@ def test_plugin_registers_mode_and_options() -> None:
     assert relay is not None
     with pytest.raises(OptionError):
         relay.parse("zerocopy")
+    event_loop = registry.get("userspace.eventLoop")
+    assert event_loop is not None and event_loop.default == "auto"
+    with pytest.raises(OptionError):
+        event_loop.parse("trio")
     assert plugin.kproxy_cleanup(config=None, keep_mode="userspace",  # type: ignore[arg-type]
                                  logger=logging.getLogger()) == []
 
@@ -185,9 +189,15 @@ def _echo_server() -> tuple[socket.socket, int]:
     return server, server.getsockname()[1]
 
 
-@pytest.fixture(params=["splice", "copy"])
+@pytest.fixture(params=[("splice", "asyncio"), ("copy", "asyncio"), ("auto", "asyncio"),
+                        ("auto", "uvloop"), ("copy", "uvloop")],
+                ids=lambda p: "-".join(p))
 def plane(request: pytest.FixtureRequest) -> Iterator[DataPlane]:
-    dp = DataPlane(Limits(relay=request.param), logging.getLogger("relay"))
+    relay, loop = request.param
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")  # the optional extra kproxy-userspace[uvloop]
+    dp = DataPlane(Limits(relay=relay, event_loop=loop), logging.getLogger("relay"))
+    assert dp.loop_name == loop
     dp.start()
     yield dp
     dp.stop()
@@ -269,3 +279,21 @@ def test_per_service_metrics_are_served_with_the_core_metrics() -> None:
         text = in_netns(sandbox.netns("node").name, build_and_render).decode()
     assert "# TYPE kproxy_userspace_active_connections gauge" in text
     assert "# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram" in text
+
+
+def test_event_loop_falls_back_to_asyncio_and_refuses_a_missing_uvloop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import sys
+
+    from kproxy_userspace.relay import LoopUnavailable, new_event_loop
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    loop, name = new_event_loop("auto")
+    try:
+        assert name == "asyncio"
+        assert isinstance(loop, asyncio.BaseEventLoop)
+    finally:
+        loop.close()
+    with pytest.raises(LoopUnavailable, match=r"kproxy-userspace\[uvloop\]"):
+        new_event_loop("uvloop")
