@@ -753,6 +753,12 @@ def load_config(
         for option_path, raw in file_values.items():
             option = options.get(option_path)
             assert option is not None
+            if (option.kind is DURATION and isinstance(raw, int | float)
+                    and not isinstance(raw, bool) and raw != 0):
+                # Go's decoder rejects a bare number for a duration; so do we (is 30 seconds
+                # or nanoseconds?). Python callers may pass numbers as seconds; files may not.
+                raise ConfigError(option_path,
+                                  f"expected a duration like '30s' or '1m0s', got {raw!r}")
             value = _parse(option, raw, option_path)
             if _zero_means_default(option_path) and value in ("", 0, 0.0):
                 continue

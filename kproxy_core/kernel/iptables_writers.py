@@ -306,9 +306,19 @@ class _CommandWriter:
             return False
         raise self._fail(proc)
 
+    def _rule_exists(self, table: str, chain: str, args: Sequence[str]) -> bool:
+        """``-C``: exit 0 present, 1 absent; anything else (lock timeout, bad rule, missing
+        chain...) is an error, never "absent", or a caller would add a duplicate."""
+        proc = self._iptables(table, "-C", chain, *args)
+        if proc.returncode in (0, 1):
+            return proc.returncode == 0
+        if "does not exist" in proc.stderr or "No chain/target/match" in proc.stderr:
+            return False  # the chain (or jump target) is missing: the rule is too
+        raise self._fail(proc)
+
     def ensure_rule(self, table: str, chain: str, args: Sequence[str], *,
                     prepend: bool = False) -> bool:
-        if self._iptables(table, "-C", chain, *args).returncode == 0:
+        if self._rule_exists(table, chain, args):
             return False
         op = ["-I", chain, "1"] if prepend else ["-A", chain]
         proc = self._iptables(table, *op, *args)
@@ -317,7 +327,7 @@ class _CommandWriter:
         return True
 
     def delete_rule(self, table: str, chain: str, args: Sequence[str]) -> bool:
-        if self._iptables(table, "-C", chain, *args).returncode != 0:
+        if not self._rule_exists(table, chain, args):
             return False
         proc = self._iptables(table, "-D", chain, *args)
         if proc.returncode != 0:

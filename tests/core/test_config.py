@@ -337,3 +337,11 @@ def test_kubeadm_zero_sync_periods_default_for_plugin_sections(tmp_path: Path) -
     assert config.get("ipvs.minSyncPeriod") == 0.0
     assert config.get("nftables.minSyncPeriod") == 1.0
     assert config.passthrough == {}
+
+
+def test_bare_number_duration_in_a_file_is_rejected(tmp_path: Any) -> None:
+    conf = tmp_path / "config.conf"
+    conf.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+                    "kind: KubeProxyConfiguration\niptables:\n  syncPeriod: 30\n")
+    with pytest.raises(ConfigError, match="iptables.syncPeriod: expected a duration"):
+        load_config({"config": str(conf)}, registry())
