@@ -343,5 +343,5 @@ def test_bare_number_duration_in_a_file_is_rejected(tmp_path: Any) -> None:
     conf = tmp_path / "config.conf"
     conf.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
                     "kind: KubeProxyConfiguration\niptables:\n  syncPeriod: 30\n")
-    with pytest.raises(ConfigError, match="iptables.syncPeriod: expected a duration"):
+    with pytest.raises(ConfigError, match=r"iptables\.syncPeriod: expected a duration"):
         load_config({"config": str(conf)}, registry())
