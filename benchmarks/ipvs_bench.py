@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "plugins", "kproxy-ipvs",
@@ -45,23 +46,59 @@ def ports(n: int, bump: int | None = None) -> list[ResolvedServicePort]:
     return out
 
 
+class TimedKernel:
+    """Wraps the real kernel layer: seconds and calls per method, to see where a sync goes."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+                self.calls[name] = self.calls.get(name, 0) + 1
+
+        return timed
+
+    def report(self) -> str:
+        top = sorted(self.seconds.items(), key=lambda item: -item[1])[:6]
+        return ", ".join(f"{name} {secs:.2f}s/{self.calls[name]}" for name, secs in top)
+
+
 def bench_proxier(n: int, change: bool) -> dict[str, Any]:
+    from kproxy_ipvs.netlink import NetlinkKernel
     from kproxy_ipvs.proxier import IpvsProxier
 
     logging.disable(logging.CRITICAL)
-    proxier = IpvsProxier(context({"clusterCIDR": "10.244.0.0/16"}))
+    kernel = TimedKernel(NetlinkKernel())
+    proxier = IpvsProxier(context({"clusterCIDR": "10.244.0.0/16"}), kernel=kernel)
     first: NodeView = view(*ports(n), node_ips=())
+    full_request = request(first)
     start = time.perf_counter()
-    result = proxier.sync(request(first))
+    result = proxier.sync(full_request)
     out: dict[str, Any] = {"full_s": time.perf_counter() - start,
                            "full_ops": result.objects_written,
-                           "full_ext_s": result.external_seconds}
+                           "full_ext_s": result.external_seconds,
+                           "full_kernel": kernel.report(),
+                           "full_kernel_s": sum(kernel.seconds.values())}
     if change:
         second = view(*ports(n, bump=n // 2), node_ips=())
+        partial_request = request(second, first)  # the core's change tracking, not timed
+        kernel.seconds.clear()
+        kernel.calls.clear()
         start = time.perf_counter()
-        result = proxier.sync(request(second, first))
+        result = proxier.sync(partial_request)
         out.update(partial_s=time.perf_counter() - start, partial_ops=result.objects_written,
-                   partial_counters=dict(result.counters))
+                   partial_counters=dict(result.counters), partial_kernel=kernel.report())
     proxier.close()
     return out
 
@@ -94,17 +131,21 @@ def main() -> int:
     for n in sizes:
         with Sandbox() as sandbox:
             ns = sandbox.netns("bench")
-            res = in_netns(ns.name, lambda n=n: bench_proxier(n, n == max(sizes)), timeout=1800)
+            res = in_netns(ns.name, partial(bench_proxier, n, n == max(sizes)), timeout=1800)
         with Sandbox() as sandbox:
             ns = sandbox.netns("floor")
-            floor = in_netns(ns.name, lambda n=n: bench_floor(n), timeout=1800)
+            floor = in_netns(ns.name, partial(bench_floor, n), timeout=1800)
         objects = n * (1 + ENDPOINTS)
         print(f"N={n:>6}: full sync {res['full_s']:.2f}s ({res['full_ops']} kernel writes, "
               f"{res['full_ext_s']:.2f}s in iptables-restore); ipvsadm --restore floor for the "
-              f"{objects} IPVS objects: {floor:.2f}s")
+              f"{objects} IPVS objects: {floor:.2f}s (ratio {res['full_s'] / floor:.2f})",
+              flush=True)
+        print(f"N={n:>6}:   kernel calls {res['full_kernel_s']:.2f}s: {res['full_kernel']}",
+              flush=True)
         if "partial_s" in res:
             print(f"N={n:>6}: one endpoint changed: partial sync {res['partial_s'] * 1000:.1f}ms, "
-                  f"{res['partial_ops']} kernel writes {res['partial_counters']}")
+                  f"{res['partial_ops']} kernel writes {res['partial_counters']}; "
+                  f"kernel calls: {res['partial_kernel']}", flush=True)
     return 0
 
 

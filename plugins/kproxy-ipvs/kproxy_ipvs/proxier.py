@@ -99,6 +99,8 @@ class IpvsProxier(Backend):
         self.kernel: Kernel = kernel if kernel is not None else NetlinkKernel()
         self._ports: dict[ServicePortKey, PortState] = {}
         self._services: dict[VSKey, tuple[VirtualServer, frozenset[RealServer]]] = {}
+        #: Real servers over ``_services`` (kept up to date: a partial sync stays O(changed)).
+        self._real_count = 0
         self._addresses: Counter[str] = Counter()
         self._entries: dict[tuple[int, str], Counter[str]] = {}
         self._no_node_access: Counter[tuple[str, str, int]] = Counter()
@@ -204,7 +206,7 @@ class IpvsProxier(Backend):
             raise SyncError(f"ipvs sync failed: {exc}") from exc
         counters = dict(self._ops)
         counters["virtual_servers"] = len(self._services)
-        counters["real_servers"] = sum(len(reals) for _vs, reals in self._services.values())
+        counters["real_servers"] = self._real_count
         counters["graceful_pending"] = len(self._graceful)
         counters["kernel_ops"] = sum(self._ops.values())
         return SyncResult(objects_written=counters["kernel_ops"], counters=counters,
@@ -217,6 +219,7 @@ class IpvsProxier(Backend):
             if state is not None:
                 self._ports[key] = state
         self._services = {}
+        self._real_count = 0
         self._addresses = Counter()
         self._entries = {}
         self._no_node_access = Counter()
@@ -232,8 +235,11 @@ class IpvsProxier(Backend):
         flipped_entries: set[tuple[int, str, str]] = set()
         for key, value in state.services.items():
             if sign > 0:
+                previous = self._services.get(key)
+                self._real_count += len(value[1]) - (len(previous[1]) if previous else 0)
                 self._services[key] = value
             elif self._services.get(key) == value:
+                self._real_count -= len(value[1])
                 del self._services[key]
         for address in state.addresses:
             before = self._addresses[address]

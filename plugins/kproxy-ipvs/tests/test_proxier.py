@@ -77,6 +77,7 @@ def test_one_endpoint_change_touches_one_real_server_per_virtual_server() -> Non
         f"add_dest {vs} 10.244.2.9:8080" for vs in ("TCP/10.96.0.10:80", "TCP/10.99.0.1:30080",
                                                     "TCP/192.168.5.5:30080"))
     assert result.objects_written == 3
+    assert result.counters["real_servers"] == 10 == sum(len(d) for d in kernel.dests.values())
     assert len(kernel.restored) == restores  # same sets in use: no iptables write
 
 
