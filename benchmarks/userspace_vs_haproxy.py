@@ -5,9 +5,17 @@ the node namespace, which proxies to one pod. Measured per target:
 
 * bulk TCP throughput: ``iperf3 -t SECONDS`` through the proxy;
 * short connections: an asyncio client opens a connection, reads a one-line answer, closes,
-  with CONCURRENCY in flight; connections/s and connect+answer latency p50/p99.
+  with CONCURRENCY in flight; connections/s and connect+answer latency p50/p99;
+* proxy CPU per short connection: user+system time of the proxy process (HAProxy or the
+  kproxy driver) over the short-connection run, divided by the connections it served. This
+  is the figure least disturbed by other load on the machine.
 
-Run: ``python benchmarks/userspace_vs_haproxy.py [--seconds 3] [--concurrency 32]``.
+Every target gets the same pod servers, the same client and the same measurement. Targets
+are measured in ROUNDS interleaved rounds (each round runs every target once) and the median
+round is printed per target, so a burst of load from elsewhere does not land on one target.
+
+Run: ``python benchmarks/userspace_vs_haproxy.py [--seconds 3] [--concurrency 32]
+[--rounds 3] [--relays auto,splice,copy] [--event-loop auto|asyncio|uvloop]``.
 All processes share the machine's cores, so the short-connection figures include the Python
 load generator and Python answer server on the same CPUs: compare ratios, not absolutes.
 """
@@ -16,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,7 +75,7 @@ async def main():
     elapsed = time.monotonic() - started
     latencies.sort()
     n = len(latencies)
-    print(json.dumps({"cps": n / elapsed, "p50_ms": latencies[n // 2] * 1e3 if n else None,
+    print(json.dumps({"n": n, "cps": n / elapsed, "p50_ms": latencies[n // 2] * 1e3 if n else None,
                       "p99_ms": latencies[int(n * 0.99)] * 1e3 if n else None,
                       "errors": errors}))
 asyncio.run(main())
@@ -99,16 +109,30 @@ def iperf(client: NetNS, host: str, port: int, seconds: float) -> float:
     return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-def short(client: NetNS, host: str, port: int, seconds: float,
-          concurrency: int) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def short(client: NetNS, host: str, port: int, seconds: float, concurrency: int,
+          proxy_pid: int | None) -> dict[str, Any]:
+    before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
     out = client.run([sys.executable, "-c", LOADGEN, host, str(port), str(seconds),
                       str(concurrency)], timeout=seconds + 60).stdout
     result: dict[str, Any] = json.loads(out)
+    if proxy_pid:
+        result["cpu_us"] = (cpu_seconds(proxy_pid) - before) / max(result["n"], 1) * 1e6
+    else:
+        result["cpu_us"] = None
     return result
 
 
-def start_userspace(sb: ClusterSandbox, pod_ip: str, relay: str) -> subprocess.Popen[bytes]:
-    proc = sb.node.spawn([sys.executable, str(DRIVER), json.dumps({"userspace.relay": relay})],
+def start_userspace(sb: ClusterSandbox, pod_ip: str, relay: str,
+                    event_loop: str) -> subprocess.Popen[bytes]:
+    options = {"userspace.relay": relay, "userspace.eventLoop": event_loop}
+    proc = sb.node.spawn([sys.executable, str(DRIVER), json.dumps(options)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL)
     assert proc.stdin is not None and proc.stdout is not None
@@ -137,7 +161,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--relays", default="auto,splice,copy")
+    parser.add_argument("--event-loop", default="auto", choices=("auto", "asyncio", "uvloop"))
     args = parser.parse_args()
+    relays = [r for r in args.relays.split(",") if r]
     sb = ClusterSandbox(local_pods=1, remote_pods=0)
     with sb:
         pod = sb.pods[0]
@@ -148,38 +176,55 @@ def main() -> None:
         # "No proxy": the client reaches the pod directly, routed through the node.
         sb.client.run(["ip", "route", "add", "10.244.0.0/16", "via", sb.node_ip])
 
-        results: dict[str, dict[str, Any]] = {}
+        rounds: dict[str, list[dict[str, Any]]] = {}
 
-        def measure(label: str, bulk: tuple[str, int], fast: tuple[str, int]) -> None:
+        def measure(label: str, bulk: tuple[str, int], fast: tuple[str, int],
+                    proxy_pid: int | None) -> None:
             time.sleep(0.3)
             gbps = iperf(sb.client, *bulk, args.seconds)
-            stats = short(sb.client, *fast, args.seconds, args.concurrency)
-            results[label] = {"gbps": gbps, **stats}
-            print(f"{label:22s} {gbps:7.2f} Gbit/s  {stats['cps']:8.0f} conn/s  "
-                  f"p50 {stats['p50_ms']:.2f} ms  p99 {stats['p99_ms']:.2f} ms  "
-                  f"errors {stats['errors']}", flush=True)
+            stats = short(sb.client, *fast, args.seconds, args.concurrency, proxy_pid)
+            rounds.setdefault(label, []).append({"gbps": gbps, **stats})
 
-        measure("no proxy", (pod.ip, 5201), (pod.ip, 8081))
         with tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False) as cfg:
             cfg.write(HAPROXY_CFG.format(node=sb.node_ip, pod=pod.ip))
-        haproxy = sb.node.spawn(["haproxy", "-f", cfg.name, "-db"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        wait_for_port(sb.node, sb.node_ip, 18081)
-        measure("haproxy", (sb.node_ip, 15201), (sb.node_ip, 18081))
-        stop(haproxy)
-        Path(cfg.name).unlink()
-        for relay in ("splice", "copy"):
-            proxy = start_userspace(sb, pod.ip, relay)
-            measure(f"kproxy-userspace {relay}", ("10.96.0.50", 5201), ("10.96.0.51", 8081))
-            stop(proxy)
+        try:
+            for number in range(args.rounds):
+                measure("no proxy", (pod.ip, 5201), (pod.ip, 8081), None)
+                haproxy = sb.node.spawn(["haproxy", "-f", cfg.name, "-db"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wait_for_port(sb.node, sb.node_ip, 18081)
+                measure("haproxy", (sb.node_ip, 15201), (sb.node_ip, 18081), haproxy.pid)
+                stop(haproxy)
+                for relay in relays:
+                    proxy = start_userspace(sb, pod.ip, relay, args.event_loop)
+                    measure(f"kproxy-userspace {relay}", ("10.96.0.50", 5201),
+                            ("10.96.0.51", 8081), proxy.pid)
+                    stop(proxy)
+                print(f"round {number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        finally:
+            Path(cfg.name).unlink()
 
-        base, hap = results["no proxy"], results["haproxy"]
+        def median(label: str, key: str) -> float:
+            return float(statistics.median(r[key] for r in rounds[label]))
+
+        print(f"load average {os.getloadavg()[0]:.2f}; median of {args.rounds} rounds; "
+              f"kproxy event loop option: {args.event_loop}")
+        for label, runs in rounds.items():
+            middle = sorted(runs, key=lambda r: float(r["cps"]))[len(runs) // 2]
+            cpu = f"{middle['cpu_us']:6.0f} us/conn" if middle["cpu_us"] is not None else ""
+            print(f"{label:24s} {median(label, 'gbps'):7.2f} Gbit/s  "
+                  f"{middle['cps']:8.0f} conn/s  p50 {middle['p50_ms']:.2f} ms  "
+                  f"p99 {middle['p99_ms']:.2f} ms  errors {middle['errors']}  {cpu}",
+                  flush=True)
         print()
-        for relay in ("splice", "copy"):
-            ours = results[f"kproxy-userspace {relay}"]
-            print(f"{relay}: throughput {ours['gbps'] / hap['gbps']:.2f}x haproxy, "
-                  f"{ours['gbps'] / base['gbps']:.2f}x no proxy; "
-                  f"conn/s {ours['cps'] / hap['cps']:.2f}x haproxy")
+        hap_gbps, hap_cps = median("haproxy", "gbps"), median("haproxy", "cps")
+        hap_cpu = median("haproxy", "cpu_us")
+        for relay in relays:
+            label = f"kproxy-userspace {relay}"
+            print(f"{relay}: throughput {median(label, 'gbps') / hap_gbps:.2f}x haproxy, "
+                  f"{median(label, 'gbps') / median('no proxy', 'gbps'):.2f}x no proxy; "
+                  f"conn/s {median(label, 'cps') / hap_cps:.2f}x haproxy; "
+                  f"CPU per connection {median(label, 'cpu_us') / hap_cpu:.2f}x haproxy")
 
 
 if __name__ == "__main__":
