@@ -312,8 +312,9 @@ class _CommandWriter:
         proc = self._iptables(table, "-C", chain, *args)
         if proc.returncode in (0, 1):
             return proc.returncode == 0
-        if "does not exist" in proc.stderr or "No chain/target/match" in proc.stderr:
-            return False  # the chain (or jump target) is missing: the rule is too
+        if any(text in proc.stderr for text in ("does not exist", "No chain/target/match",
+                                                "Couldn't load target")):
+            return False  # the chain or the jump target is missing (exit 2): so is the rule
         raise self._fail(proc)
 
     def ensure_rule(self, table: str, chain: str, args: Sequence[str], *,

@@ -347,3 +347,14 @@ def test_libiptc_serves_both_families_in_one_process(ns: NetNS, first: int) -> N
 
     for save in run_in(ns, both):
         assert "-A KUBE-POSTROUTING -j MASQUERADE --random-fully" in save
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_rule_checks_treat_a_missing_jump_target_as_absent(ns: NetNS, backend: str) -> None:
+    def check() -> tuple[bool, bool]:
+        writer = make_writer("restore", 4, backend)  # type: ignore[arg-type]
+        return (writer.delete_rule("filter", "INPUT", ["-j", "KUBE-NOT-THERE"]),
+                writer.delete_rule("nat", "NO-SUCH-CHAIN", ["-j", "ACCEPT"]))
+
+    assert run_in(ns, check) == (False, False)
