@@ -297,7 +297,7 @@ class IpvsProxier(Backend):
         for key, (vs, reals) in self._services.items():
             existing = current.get(key)
             if existing is None:
-                new_services.append((vs, sorted(reals)))
+                new_services.append((vs, list(reals)))  # unsorted: attrs ordering is slow
                 continue
             if existing != vs:
                 self.kernel.update_service(vs)
