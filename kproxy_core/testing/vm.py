@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -148,14 +149,41 @@ def run_in_vm(argv: Sequence[str], *, modules: Sequence[str] = (), kernel: str |
                               env=guest_env(env))
     # Own process group: on timeout QEMU (vng's child) must die too, not linger as an orphan.
     started = time.monotonic()
-    proc = subprocess.Popen(vng_argv, stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        status = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    deadline = started + timeout
+    # Through a pipe: QEMU reopens its stdout for the guest console, so with a file as stdout
+    # the guest's output and ours overwrite each other.
+    proc = subprocess.Popen(vng_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    assert proc.stdout is not None
+    out = sys.stdout.buffer
+    fd = proc.stdout.fileno()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            out.flush()
+            print(f"vm: command timed out after {timeout:.0f}s", file=sys.stderr)
+            return 124
+        exited = proc.poll() is not None
+        # Once vng has exited, only drain what is left: a helper it left behind (virtiofsd)
+        # may hold the pipe open.
+        ready, _, _ = select.select([fd], [], [], 0.5 if exited else min(remaining, 1.0))
+        if not ready:
+            if exited:
+                break
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        out.write(chunk)
+        out.flush()
+    proc.stdout.close()
+    status = proc.wait()
+    try:  # whatever vng left behind in its session (QEMU helpers)
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        print(f"vm: command timed out after {timeout:.0f}s", file=sys.stderr)
-        return 124
+    except (ProcessLookupError, PermissionError):
+        pass
     # vng reports the guest command's status; 255 is its "the guest died" (kernel panic...).
     print(f"vm: command exited {status} after {time.monotonic() - started:.0f}s (boot included)",
           file=sys.stderr)

@@ -51,3 +51,30 @@ def test_paths_the_guest_cannot_see_are_refused() -> None:
     assert not vm.hidden_in_guest("/work/main") and not vm.hidden_in_guest("/tmpfoo")
     with pytest.raises(vm.VMUnavailable, match="guest mounts fresh"):
         vm.run_in_vm(["true"], cwd="/tmp", kernel="/boot/none")
+
+
+def fake_vng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("vng", body), ("qemu-system-x86_64", "exit 0")):
+        tool = bin_dir / name
+        tool.write_text(f"#!/bin/sh\n{text}\n")
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+
+
+def test_runner_relays_output_and_exit_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capfd: pytest.CaptureFixture[str]) -> None:
+    # A helper left holding the output pipe (as virtiofsd may) must not keep the runner.
+    fake_vng(tmp_path, monkeypatch, "echo '3 passed in 1s'; sleep 30 & exit 3")
+    assert vm.run_in_vm(["true"], kernel="/boot/none", cwd="/", timeout=20) == 3
+    out, err = capfd.readouterr()
+    assert "3 passed in 1s" in out and "vm: command exited 3" in err
+
+
+def test_runner_kills_the_vm_on_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capfd: pytest.CaptureFixture[str]) -> None:
+    fake_vng(tmp_path, monkeypatch, "echo booting; exec sleep 30")
+    assert vm.run_in_vm(["true"], kernel="/boot/none", cwd="/", timeout=1) == 124
+    out, err = capfd.readouterr()
+    assert "booting" in out and "timed out after 1s" in err
