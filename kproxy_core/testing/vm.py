@@ -98,7 +98,8 @@ def guest_script(argv: Sequence[str], modules: Sequence[str], cwd: str,
 
 
 def build_vng_argv(argv: Sequence[str], *, kernel: str, modules: Sequence[str], cwd: str,
-                   memory: str, cpus: int, kvm: bool, env: dict[str, str]) -> list[str]:
+                   memory: str, cpus: int, kvm: bool, env: dict[str, str],
+                   shared_dirs: Sequence[str] = ()) -> list[str]:
     vng = shutil.which("vng")
     if vng is None:
         raise VMUnavailable(
@@ -106,6 +107,9 @@ def build_vng_argv(argv: Sequence[str], *, kernel: str, modules: Sequence[str], 
     if shutil.which("qemu-system-x86_64") is None:
         raise VMUnavailable("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
     out = [vng, "--run", kernel, "--memory", memory, "--cpus", str(cpus), "--user", "root"]
+    # Host directories under the guest's fresh tmpfs mounts (a CI checkout in /tmp...) are
+    # shared explicitly, read-only as the rest of the host filesystem.
+    out += [f"--rodir={path}" for path in shared_dirs]
     if not kvm:
         out.append("--disable-kvm")
     out += ["--exec", guest_script(argv, modules, cwd, env)]
@@ -139,14 +143,11 @@ def run_in_vm(argv: Sequence[str], *, modules: Sequence[str] = (), kernel: str |
         raise ValueError("no command given")
     if argv[0] in ("python", "python3"):
         argv[0] = sys.executable
-    for what, path in (("working directory", cwd or os.getcwd()), ("Python", sys.executable)):
-        if hidden_in_guest(path):
-            raise VMUnavailable(
-                f"the {what} {path} is under {', '.join(GUEST_TMPFS)}, which the guest mounts "
-                "fresh: use a checkout (and virtualenv) elsewhere")
+    shared = sorted({os.path.realpath(path) for path in (cwd or os.getcwd(), sys.prefix)
+                     if hidden_in_guest(path)})
     vng_argv = build_vng_argv(argv, kernel=kernel or find_kernel(modules), modules=modules,
                               cwd=cwd or os.getcwd(), memory=memory, cpus=cpus, kvm=kvm,
-                              env=guest_env(env))
+                              env=guest_env(env), shared_dirs=shared)
     # Own process group: on timeout QEMU (vng's child) must die too, not linger as an orphan.
     started = time.monotonic()
     deadline = started + timeout
