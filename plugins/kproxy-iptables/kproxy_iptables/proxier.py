@@ -27,7 +27,8 @@ from kproxy_core.backend import (
     config_value,
 )
 from kproxy_core.kernel.iptables import RestoreData, quote
-from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey, of_family
+from kproxy_core.localtraffic import LocalTrafficDetector
+from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey
 from kproxy_iptables import rules as R
 
 ROUTE_LOCALNET = "/proc/sys/net/ipv4/conf/all/route_localnet"
@@ -46,28 +47,16 @@ class Settings:
             int(config_value(config, "iptables.masqueradeBit", 14)))
         self.localhost_nodeports = bool(
             config_value(config, "iptables.localhostNodePorts", True))
-        self.cluster_cidrs = as_list(config_value(config, "clusterCIDR", ""))
-        self.detect_local_mode = str(config_value(config, "detectLocalMode", "") or "ClusterCIDR")
-        self.bridge_interface = str(config_value(config, "detectLocal.bridgeInterface", ""))
-        self.interface_prefix = str(config_value(config, "detectLocal.interfaceNamePrefix", ""))
+        self.local_traffic = LocalTrafficDetector(config)
         self.nodeport_addresses = as_list(config_value(config, "nodePortAddresses", ()))
-        modes = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
-        if self.detect_local_mode not in modes:
-            raise ValueError(f"detectLocalMode must be one of {', '.join(modes)}, "
-                             f"not {self.detect_local_mode!r}")
 
     def local_detector(self, family: int, pod_cidrs: Sequence[str] = ()) -> R.LocalDetector:
-        """``pod_cidrs``: this node's pod CIDRs from the Node object (NodeView.pod_cidrs),
-        which detectLocalMode NodeCIDR uses."""
-        mode = self.detect_local_mode
-        if mode == "ClusterCIDR":
-            return R.LocalDetector.for_cidrs(of_family(self.cluster_cidrs, family))
-        if mode == "NodeCIDR":
-            return R.LocalDetector.for_cidrs(of_family(list(pod_cidrs), family))
-        if mode == "BridgeInterface":
-            return R.LocalDetector.for_interface(self.bridge_interface)
-        prefix = self.interface_prefix
-        return R.LocalDetector.for_interface(f"{prefix}+" if prefix else "")
+        """Render the core's detect-local answer (``pod_cidrs``: NodeView.pod_cidrs)."""
+        local = self.local_traffic.for_family(family, pod_cidrs)
+        if local.cidr:
+            return R.LocalDetector.for_cidrs([local.cidr])
+        return R.LocalDetector.for_interface(
+            f"{local.interface}+" if local.prefix else local.interface)
 
     def localhost_nodeports_for(self, family: int) -> bool:
         """Upstream turns localhost NodePorts off for IPv6 and when nodePortAddresses cannot

@@ -31,7 +31,8 @@ from kproxy_core.backend import (
     as_list,
     config_value,
 )
-from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey, of_family
+from kproxy_core.localtraffic import LocalTrafficDetector
+from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey
 from kproxy_nftables import netlink, nft
 from kproxy_nftables import rules as R
 from kproxy_nftables.transaction import Plan, diff_plan, full_plan
@@ -51,28 +52,16 @@ class Settings:
         if bit == DEFAULT_MASQUERADE_BIT:
             bit = int(config_value(config, "iptables.masqueradeBit", DEFAULT_MASQUERADE_BIT))
         self.masquerade_mark = R.masquerade_mark(bit)
-        self.cluster_cidrs = as_list(config_value(config, "clusterCIDR", ""))
-        self.detect_local_mode = str(config_value(config, "detectLocalMode", "") or "ClusterCIDR")
-        self.bridge_interface = str(config_value(config, "detectLocal.bridgeInterface", ""))
-        self.interface_prefix = str(config_value(config, "detectLocal.interfaceNamePrefix", ""))
+        self.local_traffic = LocalTrafficDetector(config)
         self.nodeport_addresses = as_list(config_value(config, "nodePortAddresses", ()))
-        modes = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
-        if self.detect_local_mode not in modes:
-            raise ValueError(f"detectLocalMode must be one of {', '.join(modes)}, "
-                             f"not {self.detect_local_mode!r}")
 
     def local_detector(self, family: int, pod_cidrs: Sequence[str] = ()) -> R.LocalDetector:
-        """``pod_cidrs``: this node's pod CIDRs from the Node object (NodeView.pod_cidrs),
-        which detectLocalMode NodeCIDR uses."""
-        mode = self.detect_local_mode
-        if mode == "ClusterCIDR":
-            return R.LocalDetector.for_cidrs(family, of_family(self.cluster_cidrs, family))
-        if mode == "NodeCIDR":
-            return R.LocalDetector.for_cidrs(family, of_family(list(pod_cidrs), family))
-        if mode == "BridgeInterface":
-            return R.LocalDetector.for_interface(self.bridge_interface)
+        """Render the core's detect-local answer (``pod_cidrs``: NodeView.pod_cidrs)."""
+        local = self.local_traffic.for_family(family, pod_cidrs)
+        if local.cidr:
+            return R.LocalDetector.for_cidrs(family, [local.cidr])
         return R.LocalDetector.for_interface(
-            f"{self.interface_prefix}*" if self.interface_prefix else "")
+            f"{local.interface}*" if local.prefix else local.interface)
 
     def nodeport_ips(self, family: int, view: NodeView,
                      interface_ips: Sequence[str] | None) -> tuple[str, ...] | None:
