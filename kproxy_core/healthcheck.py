@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from kproxy_core.servers import send_reply
+
 log = logging.getLogger(__name__)
 
 ServiceName = tuple[str, str]
@@ -55,13 +57,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         port: _Port = self.server
         code, headers, body = port.owner._respond(port.service)
-        self.send_response(code)
-        for header, value in headers.items():
-            self.send_header(header, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        send_reply(self, code, headers, body)
 
     do_HEAD = do_GET
 

@@ -174,6 +174,18 @@ class HealthState:
 Route = Callable[[str], tuple[int, Mapping[str, str], bytes]]
 
 
+def send_reply(handler: BaseHTTPRequestHandler, code: int, headers: Mapping[str, str],
+               body: bytes) -> None:
+    """Write one complete response (no body for HEAD). Shared by every server the core runs."""
+    handler.send_response(code)
+    for name, value in headers.items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(body)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
@@ -185,13 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("handler for %s failed", path)
             code, headers, body = 500, {"Content-Type": "text/plain"}, b"internal error\n"
-        self.send_response(code)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        send_reply(self, code, headers, body)
 
     do_HEAD = do_GET
 

@@ -292,30 +292,27 @@ def _family_of(set_type: str, entry: str) -> int | None:
     return socket.AF_INET6 if ":" in first else socket.AF_INET
 
 
-def add_entry(name: str, set_type: str, entry: str, sock: Any | None = None) -> None:
+def _change_entry(operation: str, name: str, set_type: str, entry: str,
+                  sock: Any | None) -> None:
     if sock is None:
         with ipset_socket() as own:
-            add_entry(name, set_type, entry, own)
+            _change_entry(operation, name, set_type, entry, own)
             return
     entry = canonical_entry(set_type, entry)
     try:
-        sock.add(name, _to_pyroute2(set_type, entry), etype=_etype(set_type),
-                 family=_family_of(set_type, entry), exclusive=False)
+        getattr(sock, operation)(name, _to_pyroute2(set_type, entry), etype=_etype(set_type),
+                                 family=_family_of(set_type, entry), exclusive=False)
     except Exception as exc:
-        raise IPSetError(f"cannot add {entry} to ipset {name}: {exc}") from exc
+        verb, prep = ("add", "to") if operation == "add" else ("delete", "from")
+        raise IPSetError(f"cannot {verb} {entry} {prep} ipset {name}: {exc}") from exc
+
+
+def add_entry(name: str, set_type: str, entry: str, sock: Any | None = None) -> None:
+    _change_entry("add", name, set_type, entry, sock)
 
 
 def del_entry(name: str, set_type: str, entry: str, sock: Any | None = None) -> None:
-    if sock is None:
-        with ipset_socket() as own:
-            del_entry(name, set_type, entry, own)
-            return
-    entry = canonical_entry(set_type, entry)
-    try:
-        sock.delete(name, _to_pyroute2(set_type, entry), etype=_etype(set_type),
-                    family=_family_of(set_type, entry), exclusive=False)
-    except Exception as exc:
-        raise IPSetError(f"cannot delete {entry} from ipset {name}: {exc}") from exc
+    _change_entry("delete", name, set_type, entry, sock)
 
 
 def sync_set(name: str, set_type: str, desired: Iterable[str], family: int = 4, *,
