@@ -1,125 +1,41 @@
-"""Runs an `IptablesProxier` in a long-lived child process inside a test's network namespace.
-
-The test process stays in the host namespace; every call (sync, describe, cleanup, a shell
-command in the namespace) is sent to the child over a pipe and answered with the pickled
-result or exception. One child keeps the proxier's state across syncs, which partial-sync
-tests need (a fork per call would forget it).
-"""
+"""An `IptablesProxier` in a long-lived child inside a test's network namespace: the core's
+`BackendHost` plus this mode's own operations (its writer, its cleanup)."""
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import subprocess
-import traceback
 from collections.abc import Mapping
-from multiprocessing.connection import Connection
 from typing import Any
 
 from iptables_helpers import context
 
-from kproxy_core.backend import SyncRequest, SyncResult
-from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey
+from kproxy_core.backend import Backend
+from kproxy_core.testing.backendhost import BackendHost
 
 
-def _serve(conn: Connection, netns: str, config: Mapping[str, Any],
-           families: tuple[int, ...]) -> None:
-    from kproxy_core.testing.innetns import enter_netns
+def _writer(backend: Backend, args: Any) -> Any:
+    """A RuleWriter method on the proxier's IPv4 writer."""
+    method, method_args = args
+    return getattr(backend.writer(4), method)(*method_args)  # type: ignore[attr-defined]
 
-    enter_netns(netns)
+
+def _cleanup(_backend: Backend, _args: Any) -> list[str]:
     from kproxy_iptables.cleanup import cleanup
-    from kproxy_iptables.proxier import IptablesProxier
 
-    proxier = IptablesProxier(context(config, families))
-    while True:
-        try:
-            request = conn.recv()
-        except EOFError:
-            return
-        if request is None:
-            return
-        op, args = request
-        try:
-            if op == "sync":
-                result: Any = proxier.sync(args)
-            elif op == "needs_full_sync":
-                result = proxier.needs_full_sync()
-            elif op == "describe":
-                result = proxier.describe(args)
-            elif op == "trace":
-                result = dict(proxier.trace(**args) or {})
-            elif op == "audit":
-                result = proxier.audit(args)
-            elif op == "writer":  # a RuleWriter method on the proxier's IPv4 writer
-                method, method_args = args
-                result = getattr(proxier.writer(4), method)(*method_args)
-            elif op == "cleanup":
-                result = cleanup(logging.getLogger("kproxy.test.cleanup"))
-            elif op == "run":
-                proc = subprocess.run(args, capture_output=True, text=True, timeout=60,
-                                      check=False)
-                result = (proc.returncode, proc.stdout, proc.stderr)
-            else:
-                raise ValueError(f"unknown op {op!r}")
-            conn.send(("ok", result))
-        except BaseException as exc:  # sent back to the test to fail there
-            try:
-                conn.send(("error", exc, traceback.format_exc()))
-            except Exception:
-                conn.send(("error", RuntimeError(repr(exc)), traceback.format_exc()))
+    return cleanup(logging.getLogger("kproxy.test.cleanup"))
 
 
-class ProxierHost:
+class ProxierHost(BackendHost):
     def __init__(self, netns: str, config: Mapping[str, Any] | None = None,
                  families: tuple[int, ...] = (4,)) -> None:
-        ctx = multiprocessing.get_context("fork")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, netns, dict(config or {}),
-                                                      families), daemon=True)
-        self._proc.start()
-        child.close()
-        self.previous: dict[ServicePortKey, ResolvedServicePort] = {}
-        self.node_ips: tuple[str, ...] = ("10.99.0.1",)
+        config = dict(config or {})
 
-    def call(self, op: str, args: Any = None) -> Any:
-        self._conn.send((op, args))
-        if not self._conn.poll(120):
-            raise TimeoutError(f"proxier host did not answer {op}")
-        reply = self._conn.recv()
-        if reply[0] == "ok":
-            return reply[1]
-        exc: BaseException = reply[1]
-        exc.add_note(f"in the proxier host:\n{reply[2]}")
-        raise exc
+        def make() -> Backend:
+            from kproxy_iptables.proxier import IptablesProxier
 
-    def sync(self, *ports: ResolvedServicePort, full: bool = False) -> SyncResult:
-        """Sync to exactly ``ports``; ``changed``/``previous`` computed like the core does."""
-        current = {p.key: p for p in ports}
-        changed = {k for k in current if self.previous.get(k) != current[k]}
-        changed |= set(self.previous) - set(current)
-        request = SyncRequest(
-            view=NodeView("node", self.node_ips, "", current),
-            changed=frozenset(changed), full=full,
-            previous={k: self.previous.get(k) for k in changed})
-        result: SyncResult = self.call("sync", request)
-        self.previous = current
-        return result
+            return IptablesProxier(context(config, families))
 
-    def run(self, *argv: str) -> str:
-        code, out, err = self.call("run", list(argv))
-        if code != 0:
-            raise RuntimeError(f"{argv} exited {code}: {err}")
-        return str(out)
+        super().__init__(netns, make, ops={"writer": _writer, "cleanup": _cleanup})
 
     def save(self, table: str) -> str:
         return str(self.call("writer", ("save", (table,))))
-
-    def close(self) -> None:
-        try:
-            self._conn.send(None)
-        except OSError:
-            pass
-        self._proc.join(10)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5)
