@@ -24,6 +24,7 @@ from kproxy_core.backend import (
     SyncRequest,
     SyncResult,
 )
+from kproxy_core.localtraffic import LocalTrafficDetector
 from kproxy_core.model import ServicePortKey
 from kproxy_ipvs import rules
 from kproxy_ipvs.netlink import Kernel, NetlinkKernel
@@ -92,8 +93,11 @@ class IpvsProxier(Backend):
                               for c in config_value(config, "ipvs.excludeCIDRs", ())]
         self.masquerade_all = bool(config_value(config, "iptables.masqueradeAll", False))
         self.masquerade_bit = int(config_value(config, "iptables.masqueradeBit", 14))
-        self.cluster_cidrs = [c.strip() for c in
-                              str(config_value(config, "clusterCIDR", "")).split(",") if c.strip()]
+        try:
+            # detectLocalMode is node semantics, decided in the core; this mode renders it.
+            self.local_traffic = LocalTrafficDetector(config)
+        except ValueError as exc:
+            raise BackendUnavailable(f"ipvs mode: {exc}") from None
         self.node_port_addresses = list(config_value(config, "nodePortAddresses", ()))
         self.families: tuple[int, ...] = tuple(sorted(set(context.families))) or (4,)
         self.kernel: Kernel = kernel if kernel is not None else NetlinkKernel()
@@ -175,6 +179,7 @@ class IpvsProxier(Backend):
             self._node_ips[family] = tuple(a for a in local if (":" in a) == (family == 6))
 
     _view_node_ips: tuple[str, ...] = ()
+    _pod_cidrs: tuple[str, ...] = ()
 
     def _state_for(self, key: ServicePortKey, request: SyncRequest) -> PortState | None:
         port = request.view.services.get(key)
@@ -195,6 +200,7 @@ class IpvsProxier(Backend):
             if not self._initialised:
                 self._initialise()
             self._view_node_ips = tuple(request.view.node_ips)
+            self._pod_cidrs = tuple(request.view.pod_cidrs)
             if request.full or (not self._ports and not self._services):
                 external = self._full_sync(request)
             else:
@@ -460,11 +466,11 @@ class IpvsProxier(Backend):
         for family in self.families:
             nonempty = [base for (fam, base), counts in self._entries.items()
                         if fam == family and counts]
-            cidr = next((c for c in self.cluster_cidrs
-                         if (":" in c) == (family == 6)), "")
+            not_local = rules.not_local_match(
+                self.local_traffic.for_family(family, self._pod_cidrs))
             data = rules.iptables_rules(
                 rules.IptablesSettings(family, self.masquerade_all,  # type: ignore[arg-type]
-                                       self.masquerade_bit, cidr),
+                                       self.masquerade_bit, not_local),
                 nonempty,
                 [item for item in self._no_node_access if (":" in item[0]) == (family == 6)],
                 [drop for drop in self._external_drops if drop.family == family],

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import attrs
 
 from kproxy_core.kernel.iptables import RestoreData, quote
+from kproxy_core.localtraffic import LocalTraffic
 from kproxy_core.model import Endpoint, IPFamily, Protocol, ResolvedServicePort
 
 DUMMY_DEVICE = "kube-ipvs0"
@@ -339,13 +340,24 @@ def port_state(port: ResolvedServicePort, settings: Settings) -> PortState:
 # --------------------------------------------------------------------------------------------
 
 
+def not_local_match(local: LocalTraffic) -> tuple[str, ...]:
+    """Upstream's ``LocalTrafficDetector.IfNotLocal()`` for the core's detect-local answer:
+    not from a local pod's CIDR, or not in through the pod bridge / a pod interface (``+``
+    is iptables' name-prefix wildcard). Empty when nothing can be told (no-op detector)."""
+    if local.cidr:
+        return ("!", "-s", local.cidr)
+    if local.interface:
+        return ("!", "-i", local.interface + ("+" if local.prefix else ""))
+    return ()
+
+
 @attrs.frozen
 class IptablesSettings:
     family: IPFamily
     masquerade_all: bool = False
     masquerade_bit: int = 14
-    #: Cluster CIDR of this family for the ClusterCIDR local-traffic detector, or "".
-    cluster_cidr: str = ""
+    #: `not_local_match` of this family's local-traffic detector; () when not implemented.
+    not_local: tuple[str, ...] = ()
     random_fully: bool = True
 
 
@@ -380,9 +392,10 @@ def iptables_rules(settings: IptablesSettings, nonempty: Iterable[str],
         base = [*comment(CLUSTER_IP), "-m", "set", "--match-set", set_name(CLUSTER_IP.name, fam)]
         if settings.masquerade_all:
             nat.rule(KUBE_SERVICES, *base, "dst,dst", "-j", KUBE_MARK_MASQ)
-        elif settings.cluster_cidr:
-            nat.rule(KUBE_SERVICES, *base, "dst,dst", "!", "-s", settings.cluster_cidr,
-                     "-j", KUBE_MARK_MASQ)
+        elif settings.not_local:
+            # Off-cluster (or, per detector, off-node) traffic to a VIP may be routed back
+            # out to another node: masquerade it so replies come back here.
+            nat.rule(KUBE_SERVICES, *base, "dst,dst", *settings.not_local, "-j", KUBE_MARK_MASQ)
         else:
             nat.rule(KUBE_SERVICES, *base, "src,dst", "-j", KUBE_MARK_MASQ)
 
@@ -405,11 +418,10 @@ def iptables_rules(settings: IptablesSettings, nonempty: Iterable[str],
     for drop in sorted(external_drops):
         dest = (["-m", "addrtype", "--dst-type", "LOCAL"] if not drop.address
                 else ["-d", drop.address])
-        internal = ["!", "-s", settings.cluster_cidr] if settings.cluster_cidr else []
         flt.rule(KUBE_PROXY_FIREWALL, "-m", "comment", "--comment",
                  quote(f"{drop.service} has no local endpoints"), "-m", "conntrack",
                  "--ctstate", "NEW", *dest, "-p", drop.protocol, "--dport", str(drop.port),
-                 *internal, "-m", "addrtype", "!", "--src-type", "LOCAL", "-j", "DROP")
+                 *settings.not_local, "-m", "addrtype", "!", "--src-type", "LOCAL", "-j", "DROP")
     for ip, proto, number in sorted(no_node_access):
         flt.rule(KUBE_IPVS_OUT_FILTER, "-s", ip, "-m", "ipvs", "--vaddr", ip, "--vproto", proto,
                  "--vport", str(number), "-j", "DROP")

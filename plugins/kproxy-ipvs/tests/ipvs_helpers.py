@@ -56,8 +56,9 @@ def svc(name: str, cluster_ip: str, port: int, endpoints: Iterable[Endpoint] = (
         external_policy_local=local_only_external, **kw)
 
 
-def view(*ports: ResolvedServicePort, node_ips: tuple[str, ...] = ("10.99.0.1",)) -> NodeView:
-    return NodeView("node", node_ips, "", {p.key: p for p in ports})
+def view(*ports: ResolvedServicePort, node_ips: tuple[str, ...] = ("10.99.0.1",),
+         pod_cidrs: tuple[str, ...] = ()) -> NodeView:
+    return NodeView("node", node_ips, "", {p.key: p for p in ports}, pod_cidrs=pod_cidrs)
 
 
 def request(new: NodeView, old: NodeView | None = None, full: bool = False) -> SyncRequest:

@@ -195,6 +195,58 @@ def test_local_policy_without_local_endpoints_drops_external_clients_only() -> N
     assert "has no local endpoints" not in kernel.restored[-1].render()
 
 
+CIP_MASQ = ('-A KUBE-SERVICES -m comment --comment "Kubernetes service cluster ip + port for '
+            'masquerade purpose" -m set --match-set KUBE-CLUSTER-IP dst,dst')
+
+
+@pytest.mark.parametrize(("config", "pod_cidrs", "not_local"), [
+    ({"detectLocalMode": "ClusterCIDR"}, (), "! -s 10.244.0.0/16"),
+    ({"detectLocalMode": "NodeCIDR"}, ("fd00:244:1::/64", "10.244.1.0/24"), "! -s 10.244.1.0/24"),
+    ({"detectLocalMode": "BridgeInterface", "detectLocal.bridgeInterface": "cbr0"}, (),
+     "! -i cbr0"),
+    ({"detectLocalMode": "InterfaceNamePrefix", "detectLocal.interfaceNamePrefix": "veth"}, (),
+     "! -i veth+"),
+])
+def test_every_detect_local_mode_renders_the_cores_answer(
+        config: dict[str, Any], pod_cidrs: tuple[str, ...], not_local: str) -> None:
+    proxier, kernel = make(config)
+    remote = svc("web", "10.96.0.10", 80, (ep("10.244.2.2", local=False),), node_port=30080,
+                 local_only_external=True)
+    proxier.sync(request(view(remote, pod_cidrs=pod_cidrs)))
+    text = kernel.restored[-1].render()
+    # Off-node/off-cluster traffic to a cluster IP is masqueraded (upstream's only use of the
+    # detector in IPVS mode)...
+    assert f"{CIP_MASQ} {not_local} -j KUBE-MARK-MASQ\n" in text
+    # ...and the same "not local" decides who counts as external for eTP Local's drop.
+    assert (f"--dport 30080 {not_local} -m addrtype ! --src-type LOCAL -j DROP") in text
+
+
+def test_detect_local_without_an_answer_masquerades_node_traffic_only() -> None:
+    # NodeCIDR before the Node object has pod CIDRs (and ClusterCIDR without clusterCIDR):
+    # upstream's no-op detector, which masquerades only traffic sourced from a VIP.
+    for config in ({"detectLocalMode": "NodeCIDR"}, {"clusterCIDR": ""}):
+        proxier, kernel = make(config)
+        proxier.sync(request(view(WEB)))
+        text = kernel.restored[-1].render()
+        assert f"{CIP_MASQ.replace('dst,dst', 'src,dst')} -j KUBE-MARK-MASQ" in text
+        assert " ! -s " not in text and " ! -i " not in text
+
+
+def test_node_pod_cidrs_arriving_later_rewrite_the_rules() -> None:
+    proxier, kernel = make({"detectLocalMode": "NodeCIDR"})
+    proxier.sync(request(view(WEB)))
+    assert " ! -s " not in kernel.restored[-1].render()
+    restores = len(kernel.restored)
+    proxier.sync(request(view(WEB, pod_cidrs=("10.244.1.0/24",)), view(WEB)))
+    assert len(kernel.restored) == restores + 1
+    assert "dst,dst ! -s 10.244.1.0/24 -j KUBE-MARK-MASQ" in kernel.restored[-1].render()
+
+
+def test_unknown_detect_local_mode_is_one_clear_error() -> None:
+    with pytest.raises(BackendUnavailable, match="detectLocalMode must be one of"):
+        make({"detectLocalMode": "PodCIDR"})
+
+
 def test_first_sync_adds_new_objects_in_bulk_and_counts_each() -> None:
     proxier, kernel = make()
     ports = [svc(f"s{i}", f"10.96.1.{i}", 80, (ep(f"10.244.2.{i}", local=False),))
