@@ -12,10 +12,20 @@ requests continuously to one fixed Service that never changes. Prints, asserts n
 * kproxy's open file descriptors and threads before and after;
 * after the churn stops and every churned object is deleted: leftover KUBE-SVC/SEP/FW/XLB
   chains that belong to no live service, and ipset entries;
-* sync errors and restore failures counted by kproxy's own metrics.
+* sync errors and restore failures counted by kproxy's own metrics;
+* the fixed service's latency tail (answered requests slower than 0.2/0.5/1 s) and the load
+  average, so a timeout can be told apart: a dropped SYN costs exactly the 1 s retransmit
+  (connect ~1.0x s), a starved process costs an arbitrary delay.
+
+The fixed service's endpoints run a logging server (``--serve-log``, port 8081) that writes
+when it accepted and answered each connection and from which client port; after a failure the
+report looks the client's source port up in those logs (seen late = the request got through
+and the answer was slow; never seen = the SYN or its reply was lost), and saves the
+conntrack entry of that connection, the load and CPU pressure at that moment.
 
     python benchmarks/soak.py                     # 30 minutes, iptables mode
     python benchmarks/soak.py --minutes 2 --mode userspace
+    python benchmarks/soak.py --minutes 30 --workdir /tmp/soak/run3   # keep logs + snapshots
 """
 
 from __future__ import annotations
@@ -24,11 +34,15 @@ import argparse
 import json
 import random
 import re
+import socket
+import socketserver
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -36,10 +50,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
 
 from e2e_harness import Cluster, answered, eventually
+from e2e_netns import NetnsThread
 
-from kproxy_core.demo import Ep, endpoint_slice_obj, service_obj
+from kproxy_core.demo import Ep, endpoint_slice_obj, service_obj, svc_port
+from kproxy_core.testing.netns import wait_for_port
 
 FIXED_IP = "10.96.200.1"
+#: the fixed service's target port: the logging server (the pods' echo server keeps 8080)
+LOG_PORT = 8081
+FIXED_PODS = ("pod-1-2", "pod-2-2")
 #: chains of one service port: they must not outlive the service
 _SERVICE_CHAIN = re.compile(r"^:(KUBE-(?:SVC|SEP|FW|XLB|EXT|SVL)-[A-Z0-9]+)", re.M)
 
@@ -82,6 +101,120 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name) and (line[len(name)] in " {"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def cpu_pressure() -> str:
+    """The ``some`` line of /proc/pressure/cpu (share of time tasks waited for a CPU)."""
+    try:
+        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return "n/a"
+
+
+class _LoggingHandler(socketserver.BaseRequestHandler):
+    server: _LoggingServer
+
+    def handle(self) -> None:
+        accepted = time.time()
+        peer_ip, peer_port = self.client_address[0], self.client_address[1]
+        self.request.sendall(f"{self.server.pod_name} {peer_ip}\n".encode())
+        answered_at = time.time()
+        # Written before waiting for the client's close: a line per connection even when the
+        # client gave up and the close never comes.
+        self.server.log(f"{accepted:.3f} {answered_at:.3f} {peer_ip} {peer_port}")
+        try:
+            while self.request.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
+class _LoggingServer(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, port: int, pod_name: str, log_path: Path) -> None:
+        super().__init__(("0.0.0.0", port), _LoggingHandler)
+        self.pod_name = pod_name
+        self._log = log_path.open("a", buffering=1)
+        self._lock = threading.Lock()
+
+    def log(self, line: str) -> None:
+        with self._lock:
+            self._log.write(line + "\n")
+
+
+def serve_log(pod_name: str, port: int, log_path: Path) -> None:
+    """The fixed service's endpoint: answers like the echo server and logs every connection
+    as ``<accepted unix time> <answered unix time> <peer ip> <peer port>``."""
+    with _LoggingServer(port, pod_name, log_path) as server:
+        server.serve_forever()
+
+
+@dataclass
+class Probe:
+    """One request to the fixed service, timed by phase (wall-clock, to match server logs)."""
+
+    started: float
+    reply: str
+    local_port: int
+    connect_s: float
+    total_s: float
+    phase: str  # where it ended: "ok", "connect" or "reply"
+
+
+def probe(host: str, port: int, timeout: float) -> Probe:
+    started = time.time()
+    connected = started
+    local_port = 0
+    phase = "connect"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            try:
+                sock.connect((host, port))
+            finally:
+                # connect() chose the source port even when it timed out: the key to find
+                # this request in conntrack and in the server's log.
+                local_port = sock.getsockname()[1]
+            connected = time.time()
+            phase = "reply"
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            reply = data.decode().strip() or "error: closed without a reply"
+            phase = "ok"
+        except ConnectionRefusedError:
+            reply = "refused"
+        except TimeoutError:
+            reply = "timeout"
+        except OSError as exc:
+            reply = f"error {exc}"
+    end = time.time()
+    return Probe(started, reply, local_port, (connected if phase != "connect" else end) - started,
+                 end - started, phase)
+
+
+def server_log_lines(c: Cluster) -> dict[int, list[str]]:
+    """Client source port -> the lines of the fixed endpoints' logs that name it."""
+    seen: dict[int, list[str]] = {}
+    for name in FIXED_PODS:
+        path = c.workdir / f"serve-{name}.log"
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            fields = line.split()
+            if len(fields) == 4 and fields[3].isdigit():
+                seen.setdefault(int(fields[3]), []).append(f"{name} {line}")
+    return seen
 
 
 class Churn:
@@ -180,36 +313,63 @@ def _soak_in(workdir: Path, mode: str, minutes: float, sample: float, churn_inte
 
 def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
           max_services: int, seed: int) -> dict[str, Any]:
+    for name in FIXED_PODS:
+        pod = c.pod(name)
+        pod.ns.spawn([sys.executable, str(Path(__file__).resolve()), "--serve-log", name,
+                      str(LOG_PORT), str(c.workdir / f"serve-{name}.log")],
+                     stdout=subprocess.DEVNULL)
+        wait_for_port(pod.ns, pod.ip, LOG_PORT, timeout=30)
     kp = c.start_kproxy()
     pid = kp.proc.pid
     client = c.pod("pod-1-3")
-    c.apply(service_obj("fixed", FIXED_IP),
-            endpoint_slice_obj("fixed", c.eps("pod-1-2", "pod-2-2")))
-    c.wait_answered_by(client, FIXED_IP, 80, {"pod-1-2", "pod-2-2"}, count=16)
+    in_client = NetnsThread(client.ns.name)
+    c.apply(service_obj("fixed", FIXED_IP, [svc_port(80, LOG_PORT)]),
+            endpoint_slice_obj("fixed", c.eps(*FIXED_PODS), ports=(("", LOG_PORT, "TCP"),)))
+    c.wait_answered_by(client, FIXED_IP, 80, set(FIXED_PODS), count=16)
     baseline_chains = live_service_chains(c)
     fds_before, threads_before = open_fds(pid), threads(pid)
 
     requests = 0
-    #: (seconds since start, wall-clock time, reply, requests sent before it)
-    failures: list[tuple[float, str, str, int]] = []
+    failures: list[dict[str, Any]] = []
+    #: answered but slow: the tail that a timeout would belong to if it is starvation
+    slow: list[dict[str, Any]] = []
+    over = {"0.2s": 0, "0.5s": 0, "1s": 0}
+    #: connects that took 1.0-1.5 s: the first SYN was lost and the 1 s retransmit got through
+    syn_retransmits = 0
     longest_gap = 0.0
     start = time.monotonic()
 
     def traffic(stop: threading.Event) -> None:
-        nonlocal requests, longest_gap
+        nonlocal requests, longest_gap, syn_retransmits
         last_ok = time.monotonic()
         while not stop.is_set():
-            reply = c.send(client, FIXED_IP, 80, 1, timeout=2.0)[0]
+            p = in_client.call(lambda: probe(FIXED_IP, 80, 2.0))
             now = time.monotonic()
             requests += 1
-            if answered(reply):
+            record = {"t": round(now - start, 3),
+                      "utc": time.strftime("%H:%M:%S", time.gmtime(p.started)),
+                      "started": round(p.started, 3), "port": p.local_port,
+                      "connect_s": round(p.connect_s, 3), "total_s": round(p.total_s, 3),
+                      "phase": p.phase, "reply": p.reply, "request": requests}
+            if 1.0 <= p.connect_s < 1.5:
+                syn_retransmits += 1
+            if answered(p.reply):
                 longest_gap = max(longest_gap, now - last_ok)
                 last_ok = now
+                for label, limit in (("0.2s", 0.2), ("0.5s", 0.5), ("1s", 1.0)):
+                    over[label] += p.total_s > limit
+                if p.total_s > 0.5:
+                    record["load"] = loadavg()
+                    slow.append(record)
             else:
-                wall = time.strftime("%H:%M:%S", time.gmtime())
-                failures.append((round(now - start, 3), wall, reply, requests))
+                failures.append(record)
                 if len(failures) <= 5:
-                    # What the kernel held right after a failure, for the post-mortem.
+                    # What the kernel and the machine held right after a failure.
+                    record["load"] = loadavg()
+                    record["cpu_pressure"] = cpu_pressure()
+                    record["conntrack"] = c.sb.node.run(
+                        ["conntrack", "-L", "-p", "tcp", "--orig-src", client.ip,
+                         "--sport", str(p.local_port)], check=False).stdout.strip()
                     saved = c.sb.node.run(["iptables-save", "-t", "nat"], check=False).stdout
                     (c.workdir / f"failure-{len(failures)}-nat.txt").write_text(saved)
             time.sleep(0.02)
@@ -221,6 +381,7 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
             churn.step()
 
     rss: list[tuple[float, int]] = []
+    loads: list[float] = []
     deadline = start + minutes * 60
     with running(traffic), running(churning):
         next_sample = start
@@ -230,9 +391,10 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
             now = time.monotonic()
             if now >= next_sample:
                 rss.append((now - start, rss_kib(pid)))
+                loads.append(float(loadavg().split()[0]))
                 print(f"  t={now - start:7.0f}s rss={rss[-1][1]} KiB services={len(churn.live)} "
-                      f"requests={requests} failed={len(failures)} "
-                      f"conntrack={conntrack_entries(c)}", flush=True)
+                      f"requests={requests} failed={len(failures)} slow>0.5s={len(slow)} "
+                      f"conntrack={conntrack_entries(c)} load={loadavg()}", flush=True)
                 next_sample += sample
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
@@ -247,6 +409,13 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
         leftover: list[str] = []
     except AssertionError:
         leftover = sorted(live_service_chains(c) - baseline_chains)
+    in_client.close()
+    # Did the failed requests reach a server? Matched by client source port and start time
+    # (a port is reused after the range wraps, so only lines within 10 s count).
+    seen = server_log_lines(c)
+    for record in failures:
+        record["server"] = [line for line in seen.get(record["port"], [])
+                            if abs(float(line.split()[1]) - record["started"]) < 10]
     metrics = c.metrics()
     second_half = [s for s in rss if s[0] >= minutes * 30]
     return {
@@ -256,6 +425,11 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
         "failed": len(failures),
         "failures": failures[:20],
         "longest_gap_s": round(longest_gap, 3),
+        "answered_slower_than": over,
+        "syn_retransmit_connects": syn_retransmits,
+        "slowest_answered": sorted(slow, key=lambda r: -r["total_s"])[:10],
+        "load_avg_1m_mean": round(sum(loads) / len(loads), 2) if loads else 0.0,
+        "load_avg_1m_max": max(loads, default=0.0),
         "churn_ops": churn.ops,
         "rss_kib_first": rss[0][1] if rss else 0,
         "rss_kib_last": rss[-1][1] if rss else 0,
@@ -277,6 +451,11 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve-log"]:
+        # Internal: the fixed service's endpoint, started by the soak inside a pod.
+        serve_log(argv[1], int(argv[2]), Path(argv[3]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30.0)
@@ -299,9 +478,21 @@ def main(argv: list[str] | None = None) -> int:
     r = result
     print(f"fixed service: {r['requests']} requests, {r['failed']} failed, "
           f"longest gap {r['longest_gap_s']}s")
-    for failure in r["failures"]:
-        print(f"  failed at t={failure[0]}s ({failure[1]} UTC) after {failure[3]} requests: "
-              f"{failure[2]}")
+    for f in r["failures"]:
+        print(f"  failed at t={f['t']}s ({f['utc']} UTC), request {f['request']}, client port "
+              f"{f['port']}: {f['reply']} in phase {f['phase']} (connect {f['connect_s']}s, "
+              f"total {f['total_s']}s), load {f.get('load', '?')}")
+        if "conntrack" in f:
+            print(f"    conntrack: {f['conntrack'] or '(no entry)'}")
+            print(f"    cpu pressure: {f['cpu_pressure']}")
+        for line in f["server"] or ["(no server saw this connection)"]:
+            print(f"    server: {line}")
+    print(f"answered slower than {r['answered_slower_than']}; connects that needed a SYN "
+          f"retransmit: {r['syn_retransmit_connects']}; load avg (1 min) mean "
+          f"{r['load_avg_1m_mean']} max {r['load_avg_1m_max']}")
+    for f in r["slowest_answered"][:5]:
+        print(f"  slow: t={f['t']}s total {f['total_s']}s (connect {f['connect_s']}s), load "
+              f"{f['load']}")
     print(f"churn: {r['churn_ops']}")
     print(f"RSS KiB: first {r['rss_kib_first']} last {r['rss_kib_last']} max "
           f"{r['rss_kib_max']}; slope {r['rss_slope_kib_per_min_second_half']} KiB/min "
