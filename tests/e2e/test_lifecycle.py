@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from e2e_harness import Cluster, answered, eventually
+from e2e_harness import Cluster, answered, eventually, scaled
 
 from kproxy_core.demo import endpoint_slice_obj, kproxy_command, service_obj
 
@@ -83,7 +83,8 @@ def test_cleanup_removes_everything_and_only_that(own_cluster: Cluster) -> None:
         # Rules stay when the process exits.
         assert answered(c.send(c.pod("pod-1-3"), ip, 80)[0])
 
-    proc = c.sb.node.run([*kproxy_command(), "--cleanup", "--v=2"], check=False)
+    proc = c.sb.node.run([*kproxy_command(), "--cleanup", "--v=2"], check=False,
+                         timeout=scaled(60))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     eventually("service gone after --cleanup",
                lambda: not answered(c.send(c.pod("pod-1-3"), ip, 80)[0]), timeout=5)
@@ -98,13 +99,14 @@ def test_cleanup_removes_everything_and_only_that(own_cluster: Cluster) -> None:
     links = c.sb.node.run(["ip", "-o", "link", "show"]).stdout
     assert "kube-ipvs0" not in links
     # A second run finds nothing to do and still succeeds.
-    again = c.sb.node.run([*kproxy_command(), "--cleanup"], check=False)
+    again = c.sb.node.run([*kproxy_command(), "--cleanup"], check=False, timeout=scaled(60))
     assert again.returncode == 0, again.stdout + again.stderr
 
 
 def test_demo(mode: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "kproxy_core.demo", f"--proxy-mode={mode}",
-                           "--json"], capture_output=True, text=True, timeout=300, check=False)
+                           "--json"], capture_output=True, text=True, timeout=scaled(300),
+                          check=False)
     summary = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
     assert proc.returncode == 0 and summary.get("ok"), proc.stdout[-4000:] + proc.stderr[-2000:]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import urllib.parse
+from typing import Any
 
 import pytest
 from e2e_harness import METRICS, Cluster, fresh_ip, fresh_node_port
@@ -33,7 +34,9 @@ def test_explain_reports_model_and_programmed_state(cluster: Cluster) -> None:
     query = "?" + urllib.parse.urlencode({"from": pod.ip})
     report = _report(cluster, "/default/explained" + query)
     assert report["mode"] == cluster.mode
-    (port,) = report["ports"]  # type: ignore[misc]
+    ports = report["ports"]
+    assert isinstance(ports, list) and len(ports) == 1, ports
+    port: dict[str, Any] = ports[0]
     assert {ep["address"] for ep in port["internalEndpoints"]} == {"10.244.1.2:8080",
                                                                    "10.244.2.2:8080"}
     assert {(ep["address"], ep["reason"]) for ep in port["excludedEndpoints"]} == {
