@@ -23,7 +23,13 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from kproxy_nftables.rules import ENDPOINTS_MAP_TYPE, TABLE, is_endpoints_map
+from kproxy_nftables.rules import (
+    ENDPOINTS_MAP_TYPE,
+    HAIRPIN_SET,
+    TABLE,
+    endpoint_map_type,
+    is_endpoints_map,
+)
 
 NETLINK_NETFILTER = 12
 NLM_F_REQUEST = 0x1
@@ -50,7 +56,21 @@ ENDPOINTS_MAP_UDATA = bytes.fromhex(
     "080004010000000100060400000000")
 TYPE_INTEGER = 4
 NFT_DATA_VERDICT = 0xFFFFFF00
+NFT_SET_INTERVAL = 0x4
 NFT_SET_MAP = 0x8
+NFT_SET_ELEM_INTERVAL_END = 0x1
+#: Concatenated data types of the endpoint address maps: (ipv4_addr=7 | ipv6_addr=8) << 6
+#: | inet_service=13, and their lengths (each field padded to 32 bits).
+ADDRESS_MAP_DATA = {"ip": (7 << 6 | 13, 8), "ip6": (8 << 6 | 13, 20)}
+#: The typeof expressions nft 1.0.6 stores (NFTA_SET_USERDATA) for ``typeof numgen random
+#: mod 2 : ip daddr . tcp dport``: payload protocol ids (ip 12, ip6 13; tcp 8, udp 6,
+#: sctp 10) and field ids (ip daddr 12, ip6 daddr 9, dport 2) are the only variables.
+_ADDRESS_MAP_UDATA = (
+    "000401000000010400000000031a0004170000000112000401000000010402000000020400000000"
+    "043400040d000000012c0014000407000000010c0004{l3:02x}00000001040{field:x}000000"
+    "0114000407000000010c0004{l4:02x}000000010402000000060400000000")
+_UDATA_L3 = {"ip": (12, 12), "ip6": (13, 9)}
+_UDATA_L4 = {"tcp": 8, "udp": 6, "sctp": 10}
 NFTNL_UDATA_SET_ELEM_COMMENT = 0
 #: A larger partial sync goes through ``nft -f`` (one sendmsg must fit the socket buffer).
 MAX_BATCH_BYTES = 96 * 1024
@@ -163,6 +183,8 @@ _RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"(ip6?) daddr (\S+) (tcp|udp|sctp) dport (\d+)"
                 r"(?: (ip6?) saddr != (\S+))? jump " + _NAME + "$"), "masq"),
     (re.compile(r"numgen random mod (\d+) vmap @" + _NAME + "$"), "numgen"),
+    (re.compile(r"meta l4proto (tcp|udp|sctp) dnat (ip6?) addr \. port to numgen random "
+                r"mod (\d+) map @" + _NAME + "$"), "dnat_map"),
     (re.compile(r"(jump|goto) " + _NAME + "$"), "verdict"),
 ]
 
@@ -191,6 +213,19 @@ def _rule_exprs(fam: str, text: str) -> bytes:
             numgen = _expr("numgen", _u32(1, 1), _u32(2, modulus), _u32(3, 1))
             lookup = _expr("lookup", _str(1, m[2]), _u32(2, 1), _u32(3, 0))
             return numgen + lookup
+        if kind == "dnat_map":
+            if m[2] != fam:
+                raise _Unsupported(text)
+            family = 2 if fam == "ip" else 10  # NFPROTO_IPV4 / NFPROTO_IPV6
+            # numgen's host-order value is turned big-endian for the interval lookup; the
+            # looked-up address lands in register 1, the port right after it.
+            return (_l4proto(m[1])
+                    + _expr("numgen", _u32(1, 1), _u32(2, int(m[3])), _u32(3, 1), _u32(4, 0))
+                    + _expr("byteorder", _u32(1, 1), _u32(2, 1), _u32(3, 1), _u32(4, 4),
+                            _u32(5, 4))
+                    + _expr("lookup", _u32(2, 1), _u32(3, 1), _str(1, m[4]))
+                    + _expr("nat", _u32(1, 1), _u32(2, family), _u32(3, 1),
+                            _u32(5, 9 if fam == "ip" else 2)))
         if kind == "verdict":
             return _jump(f"{m[1]} {m[2]}")
     raise _Unsupported(text)
@@ -210,6 +245,7 @@ def _dnat(fam: str, proto: str, target: str) -> bytes:
 
 _KEYED_MAPS = {"service-ips": 3, "no-endpoint-services": 3, "firewall-ips": 3,
                "service-nodeports": 2, "no-endpoint-nodeports": 2, "cluster-ips": 1}
+_RANGE = re.compile(r"(\d+)-(\d+)$")
 
 
 def _key(fam: str, name: str, text: str) -> bytes:
@@ -217,6 +253,9 @@ def _key(fam: str, name: str, text: str) -> bytes:
         if not text.isdigit():
             raise _Unsupported(text)
         return struct.pack("=I", int(text))  # numgen's result, host byte order
+    if name == HAIRPIN_SET:
+        first, _, second = text.partition(" . ")
+        return _addr(fam, first) + _addr(fam, second)
     parts = text.split(" . ")
     if _KEYED_MAPS.get(name) != len(parts):
         raise _Unsupported(f"{name} {text}")
@@ -235,14 +274,42 @@ def _key(fam: str, name: str, text: str) -> bytes:
 _ELEMENT = re.compile(r'(.+?)(?: comment "([^"]*)")?(?: : (drop|accept|(?:goto|jump) \S+))?$')
 
 
+def _address(fam: str, text: str) -> bytes:
+    """``ADDRESS . PORT``, an address map's data, padded as nft does."""
+    address, _, port = text.partition(" . ")
+    if not port.isdigit() or int(port) > 0xFFFF:
+        raise _Unsupported(text)
+    return _addr(fam, address) + struct.pack(">H", int(port)) + b"\0\0"
+
+
+def _ranges(fam: str, body: str, *, with_data: bool) -> bytes:
+    """Elements of an endpoint address map (an interval map): as nft, each range is a
+    start element (with the data) and an end element flagged INTERVAL_END keyed one past
+    the range; keys big-endian (the rule converts numgen's value)."""
+    out = b""
+    for item in body.split(", "):
+        key, sep, data = item.partition(" : ")
+        m = _RANGE.match(key)
+        if not m or bool(sep) != with_data or not int(m[1]) <= int(m[2]) < 0xFFFFFFFF:
+            raise _Unsupported(item)
+        start = _value(1, struct.pack(">I", int(m[1])))
+        if with_data:
+            start += _value(2, _address(fam, data))
+        end = _u32(3, NFT_SET_ELEM_INTERVAL_END) + _value(1, struct.pack(">I", int(m[2]) + 1))
+        out += _nest(1, start) + _nest(1, end)
+    return out
+
+
 def _elements(fam: str, name: str, body: str, *, with_data: bool) -> bytes:
+    if is_endpoints_map(name) and _RANGE.match(body.split(", ")[0].partition(" : ")[0]):
+        return _ranges(fam, body, with_data=with_data)
     out = b""
     for item in body.split(", "):
         m = _ELEMENT.match(item)
         if not m:
             raise _Unsupported(item)
         key_text, comment, verdict = m[1], m[2], m[3]
-        has_data = name != "cluster-ips"
+        has_data = name not in ("cluster-ips", HAIRPIN_SET)
         if with_data and has_data != bool(verdict):
             raise _Unsupported(item)
         if not with_data and (verdict or comment):
@@ -265,12 +332,30 @@ _STATEMENTS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"flush chain " + _TBL + _NAME + "$"), "flush_chain"),
     (re.compile(r"delete chain " + _TBL + _NAME + "$"), "delete_chain"),
     (re.compile(r"delete (?:set|map) " + _TBL + _NAME + "$"), "delete_set"),
-    (re.compile(r"add map " + _TBL + _NAME + r" \{ " + re.escape(ENDPOINTS_MAP_TYPE)
-                + r" ; \}$"), "add_map"),
+    (re.compile(r"add map " + _TBL + _NAME + r" \{ (.+) ; \}$"), "add_map"),
     (re.compile(r"add element " + _TBL + _NAME + r" \{ (.+) \}$"), "add_element"),
     (re.compile(r"delete element " + _TBL + _NAME + r" \{ (.+) \}$"), "delete_element"),
     (re.compile(r"add rule " + _TBL + _NAME + r" (.+)$"), "add_rule"),
 ]
+
+
+def _map_attrs(fam: str, name: str, declaration: str, seq: int) -> bytes:
+    """NEWSET attributes of an endpoint map: a verdict map (affinity) or an address map."""
+    if not is_endpoints_map(name):
+        raise _Unsupported(name)
+    if declaration == ENDPOINTS_MAP_TYPE:
+        return (_u32(3, NFT_SET_MAP) + _u32(4, TYPE_INTEGER) + _u32(5, 4)
+                + _u32(6, NFT_DATA_VERDICT) + _u32(7, 0) + _u32(10, seq)
+                + _attr(13, ENDPOINTS_MAP_UDATA))
+    proto = next((p for p in _UDATA_L4 if declaration == endpoint_map_type(
+        4 if fam == "ip" else 6, p)), None)
+    if proto is None:
+        raise _Unsupported(declaration)
+    data_type, data_len = ADDRESS_MAP_DATA[fam]
+    l3, field = _UDATA_L3[fam]
+    udata = bytes.fromhex(_ADDRESS_MAP_UDATA.format(l3=l3, field=field, l4=_UDATA_L4[proto]))
+    return (_u32(3, NFT_SET_MAP | NFT_SET_INTERVAL) + _u32(4, TYPE_INTEGER) + _u32(5, 4)
+            + _u32(6, data_type) + _u32(7, data_len) + _u32(10, seq) + _attr(13, udata))
 
 
 def _message(msg_type: int, flags: int, family: int, seq: int, body: bytes) -> bytes:
@@ -296,12 +381,8 @@ def _statement(line: str, seq: int) -> bytes:
         if kind == "delete_set":
             return _message(DELSET, 0, family, seq, table + _str(2, name))
         if kind == "add_map":
-            if not is_endpoints_map(name):
-                raise _Unsupported(line)
-            body = (table + _str(2, name) + _u32(3, NFT_SET_MAP) + _u32(4, TYPE_INTEGER)
-                    + _u32(5, 4) + _u32(6, NFT_DATA_VERDICT) + _u32(7, 0)
-                    + _u32(10, seq) + _attr(13, ENDPOINTS_MAP_UDATA))
-            return _message(NEWSET, NLM_F_CREATE, family, seq, body)
+            return _message(NEWSET, NLM_F_CREATE, family, seq,
+                            table + _str(2, name) + _map_attrs(fam, name, m[3], seq))
         if kind in ("add_element", "delete_element"):
             add = kind == "add_element"
             elements = _elements(fam, name, m[3], with_data=add)

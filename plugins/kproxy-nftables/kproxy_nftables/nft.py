@@ -155,6 +155,8 @@ def _key(value: Any) -> tuple[Any, ...]:
         value = value["elem"]["val"]
     if isinstance(value, Mapping) and "concat" in value:
         return tuple(value["concat"])
+    if isinstance(value, Mapping) and "range" in value:
+        return tuple(value["range"])
     return (value,)
 
 
@@ -209,6 +211,25 @@ def dnat_target(rule: Sequence[Mapping[str, Any]]) -> str | None:
             host = f"[{addr}]" if ":" in addr else addr
             return f"{host}:{port}" if port is not None else host
     return None
+
+
+def dnat_map_targets(rule: Sequence[Mapping[str, Any]],
+                     maps: Mapping[str, Mapping[tuple[Any, ...], Any]]) -> list[str]:
+    """``ip:port`` (``[ip]:port``) of every element of the address map a
+    ``dnat … to numgen … map @m`` statement in ``rule`` picks from; empty for other rules."""
+    for expr in rule:
+        dnat = expr.get("dnat") if isinstance(expr, Mapping) else None
+        addr = dnat.get("addr") if isinstance(dnat, Mapping) else None
+        lookup = addr.get("map") if isinstance(addr, Mapping) else None
+        if not isinstance(lookup, Mapping) or not str(lookup.get("data", "")).startswith("@"):
+            continue
+        out = []
+        for value in maps.get(str(lookup["data"])[1:], {}).values():
+            if isinstance(value, Mapping) and len(value.get("concat", ())) == 2:
+                ip, port = value["concat"]
+                out.append(f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}")
+        return out
+    return []
 
 
 def vmap_targets(rule: Sequence[Mapping[str, Any]],

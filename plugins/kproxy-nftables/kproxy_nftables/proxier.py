@@ -110,12 +110,14 @@ def kernel_deletes_chains_at_once() -> bool:
 
 
 class _FamilyState:
-    __slots__ = ("cfg", "cluster_ip_refs", "programmed", "stale_chains")
+    __slots__ = ("cfg", "cluster_ip_refs", "hairpin_refs", "programmed", "stale_chains")
 
     def __init__(self) -> None:
         self.cfg: R.FamilyConfig | None = None
         self.programmed: dict[ServicePortKey, R.PortRender] = {}
         self.cluster_ip_refs: Counter[str] = Counter()
+        #: Endpoint IP -> number of programmed ports reaching it through an address map.
+        self.hairpin_refs: Counter[str] = Counter()
         #: Chains flushed on an old kernel, deleted on a later sync.
         self.stale_chains: set[str] = set()
 
@@ -168,7 +170,7 @@ class NftablesProxier(Backend):
 
     def plan(self, request: SyncRequest, family: int, *, full: bool,
              existing: tuple[set[str], dict[str, int | None]] | None = None) -> tuple[
-                 Plan, dict[ServicePortKey, R.PortRender], Counter[str]]:
+                 Plan, dict[ServicePortKey, R.PortRender], Counter[str], Counter[str]]:
         """The statements for ``family`` and the state they leave (committed on success)."""
         state = self.state[family]
         cfg = self.family_config(family, request.view)
@@ -182,7 +184,8 @@ class NftablesProxier(Backend):
             plan = full_plan(cfg, renders.values(), chains, sets,
                              defer_deletes=not self.delete_at_once)
             refs = Counter(r.cluster_ip for r in renders.values() if r.cluster_ip)
-            return plan, renders, refs
+            hairpin = Counter(ip for r in renders.values() for ip in r.hairpin)
+            return plan, renders, refs, hairpin
         plan = Plan(family, defer_deletes=not self.delete_at_once)
         if cfg != state.cfg:
             if cfg.nodeport_ips != state.cfg.nodeport_ips or cfg.node_ip != state.cfg.node_ip:
@@ -194,6 +197,7 @@ class NftablesProxier(Backend):
                 return self.plan(request, family, full=True, existing=nft.list_names(family))
         programmed = dict(state.programmed)
         refs = Counter(state.cluster_ip_refs)
+        hairpin = Counter(state.hairpin_refs)
         plan.delete_chains.extend(sorted(state.stale_chains))
         for key in sorted(k for k in request.changed if k.family == family):
             old = programmed.get(key, R.EMPTY_RENDER)
@@ -212,11 +216,12 @@ class NftablesProxier(Backend):
                     if refs[new.cluster_ip] == 0:
                         plan.cluster_ip(new.cluster_ip, add=True)
                     refs[new.cluster_ip] += 1
+            _count(plan, hairpin, old.hairpin, new.hairpin)
             if port is None:
                 programmed.pop(key, None)
             else:
                 programmed[key] = new
-        return plan, programmed, refs
+        return plan, programmed, refs, hairpin
 
     # -- syncing --------------------------------------------------------------------------------
 
@@ -224,21 +229,22 @@ class NftablesProxier(Backend):
         if request.full and self.settings.needs_interface_ips:
             self._interface_ips = local_addresses()
         plans: list[tuple[int, Plan, dict[ServicePortKey, R.PortRender], Counter[str],
-                          R.FamilyConfig]] = []
+                          Counter[str], R.FamilyConfig]] = []
         for family in self.families:
             full = request.full or self.state[family].cfg is None
             existing = nft.list_names(family) if full else None
-            plan, programmed, refs = self.plan(request, family, full=full, existing=existing)
-            plans.append((family, plan, programmed, refs,
+            plan, programmed, refs, hairpin = self.plan(request, family, full=full,
+                                                        existing=existing)
+            plans.append((family, plan, programmed, refs, hairpin,
                           self.family_config(family, request.view)))
         lines: list[str] = []
-        for _, plan, _, _, _ in plans:
+        for _, plan, _, _, _, _ in plans:
             lines += plan.lines()
         self.last_transaction = lines
         # Partial syncs go straight to the kernel when every statement has a shape the
         # netlink encoder knows: nft 1.0.6 would first dump the whole table (its cache).
         messages = None
-        if self.use_netlink and not any(plan.setup for _, plan, _, _, _ in plans) and not (
+        if self.use_netlink and not any(plan.setup for _, plan, *_ in plans) and not (
                 request.full or any(s.cfg is None for s in self.state.values())):
             messages = netlink.encode(lines)
         self.last_writer = "netlink" if messages is not None else "nft"
@@ -253,11 +259,12 @@ class NftablesProxier(Backend):
             raise SyncError(f"nftables transaction failed: {exc}") from exc
         objects = 0
         counters: dict[str, int] = {}
-        for family, plan, programmed, refs, cfg in plans:
+        for family, plan, programmed, refs, hairpin, cfg in plans:
             state = self.state[family]
             state.cfg = cfg
             state.programmed = programmed
             state.cluster_ip_refs = refs
+            state.hairpin_refs = hairpin
             state.stale_chains = set(plan.stale)
             objects += plan.objects
             counters[f"ipv{family}_service_ports"] = len(programmed)
@@ -338,6 +345,21 @@ class NftablesProxier(Backend):
                            local_source=local_source)
 
 
+def _count(plan: Plan, refs: Counter[str], old: Sequence[str], new: Sequence[str]) -> None:
+    """Move hairpin reference counts from ``old`` to ``new`` endpoint IPs, adding to
+    ``plan`` the set elements whose count reaches or leaves zero."""
+    gone, came = set(old) - set(new), set(new) - set(old)
+    for ip in sorted(gone):
+        refs[ip] -= 1
+        if refs[ip] <= 0:
+            del refs[ip]
+            plan.hairpin(ip, add=False)
+    for ip in sorted(came):
+        if refs[ip] == 0:
+            plan.hairpin(ip, add=True)
+        refs[ip] += 1
+
+
 # --------------------------------------------------------------------------------------------
 # Interpreting the kernel's table (explain, audit, tests)
 # --------------------------------------------------------------------------------------------
@@ -361,6 +383,7 @@ def endpoints_of(table: nft.KernelTable, chain: str) -> set[str]:
         return endpoints_of(table, target) if target else set()
     found: set[str] = set()
     for rule in rules:
+        found.update(nft.dnat_map_targets(rule, table.maps))
         targets = nft.vmap_targets(rule, table.maps)
         for target in targets or ():
             for endpoint_rule in table.chains.get(target, ()):

@@ -59,8 +59,16 @@ FIREWALL_PREFIX = "firewall-"
 #: ``local-…``.
 ENDPOINTS_MAP_PREFIX = "endpoints-"
 LOCAL_ENDPOINTS_MAP_PREFIX = "local-endpoints-"
-#: Key type of the endpoint maps (nft prints it back the same way).
+#: Key type of the endpoint verdict maps of ClientIP-affinity ports (nft prints it back the
+#: same way).
 ENDPOINTS_MAP_TYPE = "typeof numgen random mod 2 : verdict"
+#: The modulus of the ``numgen`` choosing an endpoint through an endpoint address map: the
+#: largest nf_tables accepts, so that the endpoint count never appears in the rule (see
+#: `endpoint_ranges`).
+NUMGEN_MODULUS = 0xFFFFFFFF
+#: Set of ``endpoint . endpoint`` address pairs: a connection DNATed back to its own source
+#: (hairpin) is masqueraded from ``masquerading`` (see `render_port`).
+HAIRPIN_SET = "hairpin-endpoints"
 
 #: The maps whose elements belong to service ports (flushed and refilled on full syncs).
 SERVICE_MAPS = (SERVICE_IPS_MAP, SERVICE_NODEPORTS_MAP, NO_ENDPOINT_SERVICES_MAP,
@@ -127,6 +135,26 @@ def endpoint_chain_base(name: ServicePortName, endpoint: Endpoint) -> str:
     ip = endpoint.ip.replace(":", ".")
     return hash_and_truncate(f"{name.namespace}/{name.name}/{name.protocol.lower()}/"
                              f"{name.port}__{ip}/{endpoint.port}")
+
+
+def endpoint_map_type(family: int, protocol: str) -> str:
+    """Declaration of an endpoint address map: ``numgen`` value range -> address . port."""
+    ipx = nft_family(family)
+    return f"typeof numgen random mod 2 : {ipx} daddr . {protocol.lower()} dport ; flags interval"
+
+
+def endpoint_ranges(count: int) -> list[tuple[int, int]]:
+    """``count`` contiguous ranges splitting numgen's values ``0 … NUMGEN_MODULUS - 1``;
+    their sizes differ by at most one value in ~4·10⁹/count, so the choice is uniform."""
+    if count < 1:
+        raise ValueError(f"an endpoint map needs at least one endpoint, not {count}")
+    bounds = [i * NUMGEN_MODULUS // count for i in range(count + 1)]
+    return [(bounds[i], bounds[i + 1] - 1) for i in range(count)]
+
+
+def hairpin_key(ip: str) -> str:
+    """The `HAIRPIN_SET` element for endpoint ``ip``: source and destination both ``ip``."""
+    return f"{ip} . {ip}"
 
 
 def masquerade_mark(bit: int) -> str:
@@ -208,8 +236,13 @@ class PortRender:
     elements: tuple[Element, ...]
     #: The ClusterIP (element of ``cluster-ips``), "" if none.
     cluster_ip: str
-    #: Endpoint map name -> {index: verdict} (``0 -> "goto endpoint-…"``).
-    maps: Mapping[str, Mapping[int, str]] = attrs.field(factory=dict)
+    #: Endpoint map name -> {key: value} as nft writes them: ``"0-2147483646" ->
+    #: "10.180.0.1 . 8080"`` (address maps), ``"0" -> "goto endpoint-…"`` (affinity).
+    maps: Mapping[str, Mapping[str, str]] = attrs.field(factory=dict)
+    #: Endpoint map name -> its declaration (`endpoint_map_type` or `ENDPOINTS_MAP_TYPE`).
+    map_types: Mapping[str, str] = attrs.field(factory=dict)
+    #: Endpoint IPs reached through address maps (elements of `HAIRPIN_SET`).
+    hairpin: tuple[str, ...] = ()
 
     @property
     def element_keys(self) -> dict[tuple[str, str], Element]:
@@ -255,12 +288,14 @@ def render_port(port: ResolvedServicePort, cfg: FamilyConfig) -> PortRender:
 
     chains: dict[str, list[str]] = {}
     endpoints = _unique([*cluster_eps, *local_eps]) if has_endpoints else []
+    affinity = port.session_affinity_timeout
     ep_chain = {ep: ENDPOINT_PREFIX + endpoint_chain_base(name, ep) for ep in endpoints}
     ep_affinity = {ep: AFFINITY_PREFIX + endpoint_chain_base(name, ep) for ep in endpoints}
     # Creation order: endpoint chains first, so that a transaction adding the service chain
-    # finds every goto target declared.
-    for ep in endpoints:
-        chains[ep_chain[ep]] = []
+    # finds every goto target declared. Only ClientIP affinity needs them (see below).
+    if affinity is not None:
+        for ep in endpoints:
+            chains[ep_chain[ep]] = []
     if uses_cluster and has_endpoints:
         chains[cluster_chain] = []
     if uses_local and has_endpoints:
@@ -339,32 +374,49 @@ def render_port(port: ResolvedServicePort, cfg: FamilyConfig) -> PortRender:
         if has_external and external_policy_chain in chains:
             rules.append(f"goto {external_policy_chain}")
 
-    affinity = port.session_affinity_timeout
     affinity_sets: dict[str, int] = {}
     if affinity is not None:
         for ep in endpoints:
             affinity_sets[ep_affinity[ep]] = affinity
 
-    # Upstream writes an anonymous ``vmap { 0 : goto …, … }`` here. The kernel binds every
-    # anonymous set by walking the whole transaction (``__nft_set_trans_bind``), which makes
-    # a full sync quadratic (67% of a 5,000-service sync's kernel time), and nft 1.0.6 must
-    # dump every anonymous set before it can add a rule or element. A named map per chain
-    # keeps the same random choice, makes full syncs linear and lets an endpoint change
-    # swap one map element instead of rewriting the service chain.
-    maps: dict[str, dict[int, str]] = {}
+    # Upstream writes ``numgen random mod N vmap { 0 : goto endpoint-…, … }`` (an anonymous
+    # verdict map) and one chain per endpoint (hairpin mark, ``dnat to``). Two kernel costs
+    # make that slow at scale: binding each anonymous set walks the whole transaction
+    # (``__nft_set_trans_bind``: quadratic full syncs), and any rule with a jump/goto/dnat
+    # or verdict element added makes nf_tables re-validate every chain reachable from the
+    # base chains at commit (~0.3 s at 10,000 services) -- which an endpoint change always
+    # did. So the endpoint is chosen by a named map per service/local chain from a numgen
+    # value range straight to the DNAT address (``dnat … to numgen random mod 2^32-1 map
+    # @endpoints-…``): the rule never names the endpoint count, and adding, removing or
+    # replacing an endpoint only changes elements of address maps, which needs no
+    # validation. The hairpin masquerade moves to `HAIRPIN_SET`. ClientIP affinity keeps
+    # upstream's endpoint chains (the affinity set is updated there), with a named verdict
+    # map instead of the anonymous one.
+    maps: dict[str, dict[str, str]] = {}
+    map_types: dict[str, str] = {}
+    hairpin: dict[str, None] = {}
     for chain, eps, prefix in ((cluster_chain, cluster_eps, ENDPOINTS_MAP_PREFIX),
                                (local_chain, local_eps, LOCAL_ENDPOINTS_MAP_PREFIX)):
         if chain not in chains:
             continue
         rules = chains[chain]
+        map_name = prefix + base
         if affinity is not None:
             for ep in eps:
                 rules.append(f"{ipx} saddr @{ep_affinity[ep]} goto {ep_chain[ep]}")
-        map_name = prefix + base
-        maps[map_name] = {i: f"goto {ep_chain[ep]}" for i, ep in enumerate(eps)}
-        rules.append(f"numgen random mod {len(eps)} vmap @{map_name}")
+            maps[map_name] = {str(i): f"goto {ep_chain[ep]}" for i, ep in enumerate(eps)}
+            map_types[map_name] = ENDPOINTS_MAP_TYPE
+            rules.append(f"numgen random mod {len(eps)} vmap @{map_name}")
+            continue
+        maps[map_name] = {f"{start}-{end}": f"{ep.ip} . {ep.port}"
+                          for (start, end), ep in zip(endpoint_ranges(len(eps)), eps,
+                                                      strict=True)}
+        map_types[map_name] = endpoint_map_type(cfg.family, proto)
+        rules.append(f"meta l4proto {proto} dnat {ipx} addr . port to numgen random mod "
+                     f"{NUMGEN_MODULUS} map @{map_name}")
+        hairpin.update((ep.ip, None) for ep in eps)
 
-    for ep in endpoints:
+    for ep in endpoints if affinity is not None else ():
         rules = chains[ep_chain[ep]]
         rules.append(f"{ipx} saddr {ep.ip} jump {MARK_MASQ_CHAIN}")
         if affinity is not None:
@@ -377,6 +429,8 @@ def render_port(port: ResolvedServicePort, cfg: FamilyConfig) -> PortRender:
         elements=tuple(elements),
         cluster_ip=port.cluster_ip,
         maps=maps,
+        map_types=map_types,
+        hairpin=tuple(hairpin),
     )
 
 
@@ -429,6 +483,8 @@ def setup_lines(cfg: FamilyConfig) -> list[str]:
         f'; comment "ClusterIP, ExternalIP and LoadBalancer IP traffic" ; }}',
         f"add map {fam} {SERVICE_NODEPORTS_MAP} {{ type inet_proto . inet_service : verdict ; "
         f'comment "NodePort traffic" ; }}',
+        f"add set {fam} {HAIRPIN_SET} {{ type {addr} . {addr} ; "
+        f'comment "endpoint . endpoint: hairpin connections to masquerade" ; }}',
     ]
     for target, source, match in JUMP_CHAINS:
         ensure(target)
@@ -438,6 +494,10 @@ def setup_lines(cfg: FamilyConfig) -> list[str]:
     mark = cfg.masquerade_mark
     lines += [
         f"add rule {fam} {MARK_MASQ_CHAIN} mark set mark or {mark}",
+        # Hairpin: an endpoint reaching its own service and DNATed back to itself (upstream's
+        # "ip saddr ENDPOINT jump mark-for-masquerade" in the endpoint chain).
+        f"add rule {fam} {MASQUERADING_CHAIN} ct status dnat {ipx} saddr . {ipx} daddr "
+        f"@{HAIRPIN_SET} jump {MARK_MASQ_CHAIN}",
         f"add rule {fam} {MASQUERADING_CHAIN} mark and {mark} == 0 return",
         f"add rule {fam} {MASQUERADING_CHAIN} mark set mark xor {mark}",
         f"add rule {fam} {MASQUERADING_CHAIN} masquerade fully-random",

@@ -22,13 +22,14 @@ import attrs
 
 from kproxy_nftables.rules import (
     CLUSTER_IPS_SET,
-    ENDPOINTS_MAP_TYPE,
+    HAIRPIN_SET,
     SERVICE_MAPS,
     TABLE,
     Element,
     FamilyConfig,
     PortRender,
     _addr_type,
+    hairpin_key,
     is_endpoints_map,
     nft_family,
     nodeport_ips_lines,
@@ -95,30 +96,34 @@ class Plan:
     def delete_set(self, name: str) -> None:
         self.delete_sets.append(f"delete set {self.table} {name}")
 
-    def add_map(self, name: str, elements: Mapping[int, str], *, flush: bool = False) -> None:
-        """Declare endpoint map ``name`` (a no-op when it exists; ``flush`` empties it)
-        and add its elements."""
-        self.add_sets.append(f"add map {self.table} {name} {{ {ENDPOINTS_MAP_TYPE} ; }}")
-        if flush:
-            self.add_sets.append(f"flush map {self.table} {name}")
+    def add_map(self, name: str, declaration: str, elements: Mapping[str, str]) -> None:
+        """Declare endpoint map ``name`` (``declaration``: its type and flags) and add its
+        elements."""
+        self.add_sets.append(f"add map {self.table} {name} {{ {declaration} ; }}")
         if elements:
-            body = ", ".join(f"{index} : {verdict}" for index, verdict in elements.items())
+            body = ", ".join(f"{key} : {value}" for key, value in elements.items())
             self.add_elements.append(f"add element {self.table} {name} {{ {body} }}")
 
     def delete_map(self, name: str) -> None:
         self.delete_sets.append(f"delete map {self.table} {name}")
 
-    def update_map(self, name: str, old: Mapping[int, str], new: Mapping[int, str]) -> None:
-        """Swap only the elements whose verdict changed."""
-        gone = [index for index, verdict in old.items() if new.get(index) != verdict]
+    def update_map(self, name: str, old: Mapping[str, str], new: Mapping[str, str]) -> None:
+        """Swap only the elements whose key or value changed."""
+        gone = [key for key, value in old.items() if new.get(key) != value]
         if gone:
             self.delete_elements.append(
-                f"delete element {self.table} {name} {{ {', '.join(map(str, gone))} }}")
-        added = [(index, verdict) for index, verdict in new.items()
-                 if old.get(index) != verdict]
+                f"delete element {self.table} {name} {{ {', '.join(gone)} }}")
+        added = [(key, value) for key, value in new.items() if old.get(key) != value]
         if added:
-            body = ", ".join(f"{index} : {verdict}" for index, verdict in added)
+            body = ", ".join(f"{key} : {value}" for key, value in added)
             self.add_elements.append(f"add element {self.table} {name} {{ {body} }}")
+
+    def hairpin(self, ip: str, *, add: bool) -> None:
+        element = f"{{ {hairpin_key(ip)} }}"
+        if add:
+            self.add_elements.append(f"add element {self.table} {HAIRPIN_SET} {element}")
+        else:
+            self.delete_elements.append(f"delete element {self.table} {HAIRPIN_SET} {element}")
 
     def add_element(self, element: Element) -> None:
         self.add_elements.append(f"add element {element.text(self.family)}")
@@ -149,14 +154,16 @@ def full_plan(
     plan.setup = setup_lines(cfg)
     plan.setup += [f"flush map {plan.table} {name}" for name in SERVICE_MAPS]
     plan.setup.append(f"flush set {plan.table} {CLUSTER_IPS_SET}")
+    plan.setup.append(f"flush set {plan.table} {HAIRPIN_SET}")
     plan.setup += nodeport_ips_lines(cfg)
     existing = set(existing_chains)
     sets = dict(existing_sets or {})
     active_chains: set[str] = set()
     active_sets: dict[str, int] = {}
-    active_maps: dict[str, Mapping[int, str]] = {}
+    active_maps: dict[str, tuple[str, Mapping[str, str]]] = {}
     elements: dict[tuple[str, str], Element] = {}
     cluster_ips: dict[str, None] = {}
+    hairpin: dict[str, None] = {}
     for render in renders:
         for name, rules in render.chains.items():
             if name in active_chains:
@@ -168,35 +175,42 @@ def full_plan(
                 plan.flush_chains.append(f"flush chain {plan.table} {name}")
         active_sets.update(render.affinity_sets)
         for name, content in render.maps.items():
-            active_maps.setdefault(name, content)
+            active_maps.setdefault(name, (render.map_types[name], content))
         for element in render.elements:
             elements.setdefault((element.map, element.key), element)
         if render.cluster_ip:
             cluster_ips[render.cluster_ip] = None
+        hairpin.update(dict.fromkeys(render.hairpin))
     for name in sorted(existing - active_chains):
         plan.drop_chain(name)
     for name, timeout in sorted(sets.items()):
         if is_endpoints_map(name):
-            if name not in active_maps:
-                plan.delete_map(name)
+            # Deleted even when still wanted: its type may differ (address map or, with
+            # affinity, verdict map), and re-adding interval elements to a flushed map
+            # would make nft compare them with the old ones. Every rule naming it sits in
+            # a service chain flushed above.
+            plan.delete_map(name)
         elif name not in active_sets:
             plan.delete_set(name)
         elif timeout is not None and timeout != active_sets[name]:
             plan.delete_set(name)
     for name, timeout in active_sets.items():
         plan.add_set(name, timeout)
-    for name, content in active_maps.items():
-        plan.add_map(name, content, flush=name in sets)
+    for name, (declaration, content) in active_maps.items():
+        plan.add_map(name, declaration, content)
     for element in elements.values():
         plan.add_element(element)
     for ip in cluster_ips:
         plan.cluster_ip(ip, add=True)
+    for ip in hairpin:
+        plan.hairpin(ip, add=True)
     return plan
 
 
 def diff_plan(plan: Plan, old: PortRender, new: PortRender) -> None:
     """Add to ``plan`` what turns ``old`` (programmed) into ``new`` for one service port.
-    Cluster IPs are reference-counted by the caller (ports of one service share them)."""
+    Cluster IPs and hairpin endpoints are reference-counted by the caller (ports and
+    services share them)."""
     changed_sets = {name for name, timeout in old.affinity_sets.items()
                     if name in new.affinity_sets and new.affinity_sets[name] != timeout}
     for name, rules in new.chains.items():
@@ -216,14 +230,16 @@ def diff_plan(plan: Plan, old: PortRender, new: PortRender) -> None:
     for key, element in new_elements.items():
         if old_elements.get(key) != element:
             plan.add_element(element)
+    replaced = {name for name in old.maps.keys() & new.maps.keys()
+                if old.map_types[name] != new.map_types[name]}
     for name, content in old.maps.items():
-        if name not in new.maps:
+        if name not in new.maps or name in replaced:
             plan.delete_map(name)
         else:
             plan.update_map(name, content, new.maps[name])
     for name, content in new.maps.items():
-        if name not in old.maps:
-            plan.add_map(name, content)
+        if name not in old.maps or name in replaced:
+            plan.add_map(name, new.map_types[name], content)
     for name in old.affinity_sets:
         if name not in new.affinity_sets or name in changed_sets:
             plan.delete_set(name)

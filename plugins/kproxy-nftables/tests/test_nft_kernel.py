@@ -174,8 +174,11 @@ def test_endpoint_removal_converges(env: Env) -> None:
     try:
         replies = env.ask(env.pod(LOCAL_B), "10.96.0.10", 80, count=6)
         assert {r.split()[0] for r in replies} == {"pod-1-2"}, replies
-        gone = R.ENDPOINT_PREFIX + R.endpoint_chain_base(WEB.name, ep(REMOTE, 8080))
-        assert gone not in env.host.call("table", 4).chains
+        table = env.host.call("table", 4)
+        endpoints = table.maps[R.ENDPOINTS_MAP_PREFIX + R.chain_name_base(WEB.name)]
+        assert list(endpoints.values()) == [{"concat": [LOCAL_A, 8080]}]
+        # Other services still reach REMOTE: its hairpin element stays.
+        assert {"concat": [REMOTE, REMOTE]} in table.sets[R.HAIRPIN_SET]
     finally:
         env.sync(*BASE)
 

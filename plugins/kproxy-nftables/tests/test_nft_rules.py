@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator
 
@@ -75,16 +76,49 @@ def test_cluster_ip_golden() -> None:
     cfg = R.FamilyConfig(4, local=R.LocalDetector.for_cidrs(4, ["10.0.0.0/8"]))
     render = R.render_port(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")]), cfg)
     assert dict(render.chains) == {
-        WEB_EP1: ("ip saddr 10.180.0.1 jump mark-for-masquerade",
-                  "meta l4proto tcp dnat to 10.180.0.1:80"),
         WEB_CHAIN: ("ip daddr 172.30.0.41 tcp dport 80 ip saddr != 10.0.0.0/8 "
                     "jump mark-for-masquerade",
-                    f"numgen random mod 1 vmap @endpoints-{WEB_BASE}"),
+                    "meta l4proto tcp dnat ip addr . port to numgen random mod 4294967295 "
+                    f"map @endpoints-{WEB_BASE}"),
     }
-    assert render.maps == {f"endpoints-{WEB_BASE}": {0: f"goto {WEB_EP1}"}}
+    assert render.maps == {f"endpoints-{WEB_BASE}": {"0-4294967294": "10.180.0.1 . 80"}}
+    assert render.map_types == {f"endpoints-{WEB_BASE}": "typeof numgen random mod 2 : "
+                                "ip daddr . tcp dport ; flags interval"}
+    assert render.hairpin == ("10.180.0.1",)
     assert [e.text(4) for e in render.elements] == [
         f"ip kube-proxy service-ips {{ 172.30.0.41 . tcp . 80 : goto {WEB_CHAIN} }}"]
     assert render.cluster_ip == "172.30.0.41"
+
+
+def test_endpoint_ranges_split_numgen_values_evenly() -> None:
+    assert R.endpoint_ranges(1) == [(0, 4294967294)]
+    assert R.endpoint_ranges(3) == [(0, 1431655764), (1431655765, 2863311529),
+                                    (2863311530, 4294967294)]
+    for count in (2, 5, 7, 1000):
+        ranges = R.endpoint_ranges(count)
+        assert ranges[0][0] == 0 and ranges[-1][1] == R.NUMGEN_MODULUS - 1
+        assert all(a[1] + 1 == b[0] for a, b in itertools.pairwise(ranges))
+        sizes = {end - start + 1 for start, end in ranges}
+        assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="at least one endpoint"):
+        R.endpoint_ranges(0)
+
+
+def test_affinity_keeps_endpoint_chains_and_a_verdict_map() -> None:
+    render = R.render_port(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")],
+                               session_affinity_timeout=10800), R.FamilyConfig(4))
+    affinity = f"affinity-{WEB_EP1.removeprefix('endpoint-')}"
+    assert dict(render.chains) == {
+        WEB_EP1: ("ip saddr 10.180.0.1 jump mark-for-masquerade",
+                  f"update @{affinity} {{ ip saddr }}",
+                  "meta l4proto tcp dnat to 10.180.0.1:80"),
+        WEB_CHAIN: (f"ip saddr @{affinity} goto {WEB_EP1}",
+                    f"numgen random mod 1 vmap @endpoints-{WEB_BASE}"),
+    }
+    assert render.maps == {f"endpoints-{WEB_BASE}": {"0": f"goto {WEB_EP1}"}}
+    assert render.map_types == {f"endpoints-{WEB_BASE}": R.ENDPOINTS_MAP_TYPE}
+    assert render.affinity_sets == {affinity: 10800}
+    assert render.hairpin == ()
 
 
 def test_external_traffic_policy_local_golden() -> None:
@@ -106,8 +140,12 @@ def test_external_traffic_policy_local_golden() -> None:
     assert render.chains[f"firewall-{base}"] == (
         "ip saddr != { 192.168.0.0/24, 1.2.3.4 } drop",)
     assert render.chains[f"local-{base}"][-1] == (
-        f"numgen random mod 1 vmap @local-endpoints-{base}")
-    assert set(render.maps) == {f"endpoints-{base}", f"local-endpoints-{base}"}
+        "meta l4proto tcp dnat ip addr . port to numgen random mod 4294967295 "
+        f"map @local-endpoints-{base}")
+    assert render.maps == {f"endpoints-{base}": {"0-2147483646": "10.180.0.2 . 80",
+                                                 "2147483647-4294967294": "10.180.0.3 . 80"},
+                           f"local-endpoints-{base}": {"0-4294967294": "10.180.0.2 . 80"}}
+    assert render.hairpin == ("10.180.0.2", "10.180.0.3")
     assert [e.text(4) for e in render.elements] == [
         f"ip kube-proxy service-ips {{ 172.30.0.42 . tcp . 80 : goto service-{base} }}",
         f"ip kube-proxy service-ips {{ 1.2.3.4 . tcp . 80 : goto external-{base} }}",
@@ -151,12 +189,19 @@ def test_ipv6_names_and_dnat() -> None:
     k = key("ns1", "svc1", family=6)
     render = R.render_port(svc(k, "fd00::41", endpoints=[ep("fd00:10::1")]),
                            R.FamilyConfig(6, masquerade_all=True))
-    chain = next(c for c in render.chains if c.startswith("endpoint-"))
-    assert chain.endswith("-ns1/svc1/tcp/p80__fd00.10..1/80")
-    assert render.chains[chain] == ("ip6 saddr fd00:10::1 jump mark-for-masquerade",
-                                    "meta l4proto tcp dnat to [fd00:10::1]:80")
-    assert render.chains[WEB_CHAIN.replace("ULMVA6XW", R.chain_name_base(k.name)[:8])][0] == (
-        "ip6 daddr fd00::41 tcp dport 80 jump mark-for-masquerade")
+    chain = WEB_CHAIN.replace("ULMVA6XW", R.chain_name_base(k.name)[:8])
+    assert render.chains[chain] == (
+        "ip6 daddr fd00::41 tcp dport 80 jump mark-for-masquerade",
+        "meta l4proto tcp dnat ip6 addr . port to numgen random mod 4294967295 "
+        f"map @endpoints-{chain.removeprefix('service-')}")
+    assert list(render.maps.values()) == [{"0-4294967294": "fd00:10::1 . 80"}]
+    assert list(render.map_types.values()) == [
+        "typeof numgen random mod 2 : ip6 daddr . tcp dport ; flags interval"]
+    with_affinity = R.render_port(svc(k, "fd00::41", endpoints=[ep("fd00:10::1")],
+                                      session_affinity_timeout=60), R.FamilyConfig(6))
+    ep_chain = next(c for c in with_affinity.chains if c.startswith("endpoint-"))
+    assert ep_chain.endswith("-ns1/svc1/tcp/p80__fd00.10..1/80")
+    assert with_affinity.chains[ep_chain][-1] == "meta l4proto tcp dnat to [fd00:10::1]:80"
 
 
 def test_setup_golden() -> None:
@@ -170,6 +215,10 @@ def test_setup_golden() -> None:
     assert ("add rule ip kube-proxy services fib daddr type local ip daddr != 127.0.0.0/8 "
             "meta l4proto . th dport vmap @service-nodeports") in lines
     assert ("add rule ip kube-proxy masquerading mark and 0x004000 == 0 return") in lines
+    hairpin = ("add rule ip kube-proxy masquerading ct status dnat ip saddr . ip daddr "
+               "@hairpin-endpoints jump mark-for-masquerade")
+    assert lines.index(hairpin) < lines.index(
+        "add rule ip kube-proxy masquerading mark and 0x004000 == 0 return")
     with_set = R.setup_lines(R.FamilyConfig(4, nodeport_ips=("10.99.0.1",)))
     assert ("add rule ip kube-proxy services ip daddr @nodeport-ips meta l4proto . th dport "
             "vmap @service-nodeports") in with_set
@@ -196,40 +245,78 @@ def test_full_transaction_is_consistent(recorder: Recorder) -> None:
     assert "add element ip kube-proxy nodeport-ips { 10.99.0.1 }" in lines
 
 
-def test_partial_sync_touches_only_the_changed_port(recorder: Recorder) -> None:
+def test_endpoint_changes_are_map_elements_only(recorder: Recorder) -> None:
     d = Driver()
     other = svc(key("ns2", "other"), "172.30.0.50", endpoints=[ep("10.180.0.7")])
     d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")]), other, full=True)
+    assert "add element ip kube-proxy hairpin-endpoints { 10.180.0.1 . 10.180.0.1 }" in (
+        recorder.transactions[-1])
+    eps = f"ip kube-proxy endpoints-{WEB_BASE}"
     d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1"), ep("10.180.0.2")]), other)
+    assert recorder.transactions[-1] == [
+        f"delete element {eps} {{ 0-4294967294 }}",
+        f"add element {eps} {{ 0-2147483646 : 10.180.0.1 . 80, "
+        "2147483647-4294967294 : 10.180.0.2 . 80 }",
+        "add element ip kube-proxy hairpin-endpoints { 10.180.0.2 . 10.180.0.2 }",
+    ]
+    # Replacing an endpoint swaps one element; the shared hairpin element of an endpoint
+    # other ports still reach stays.
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1"), ep("10.180.0.7")]), other)
+    assert recorder.transactions[-1] == [
+        f"delete element {eps} {{ 2147483647-4294967294 }}",
+        "delete element ip kube-proxy hairpin-endpoints { 10.180.0.2 . 10.180.0.2 }",
+        f"add element {eps} {{ 2147483647-4294967294 : 10.180.0.7 . 80 }}",
+    ]
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")]), other)
+    assert not any("hairpin" in line for line in recorder.transactions[-1])
+    assert not any("other" in line for line in recorder.transactions[-1])
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")]))
+    assert "delete element ip kube-proxy hairpin-endpoints { 10.180.0.7 . 10.180.0.7 }" in (
+        recorder.transactions[-1])
+    # Switching ClientIP affinity on replaces the address map with a verdict map.
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")],
+               session_affinity_timeout=60))
+    last = recorder.transactions[-1]
+    assert last.index(f"flush chain ip kube-proxy {WEB_CHAIN}") < last.index(
+        f"delete map {eps}") < last.index(f"add map {eps} {{ {R.ENDPOINTS_MAP_TYPE} ; }}")
+    assert "delete element ip kube-proxy hairpin-endpoints { 10.180.0.1 . 10.180.0.1 }" in last
+
+
+def test_partial_sync_with_affinity_touches_only_the_changed_port(recorder: Recorder) -> None:
+    d = Driver()
+    other = svc(key("ns2", "other"), "172.30.0.50", endpoints=[ep("10.180.0.7")],
+                session_affinity_timeout=60)
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")], session_affinity_timeout=60),
+           other, full=True)
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1"), ep("10.180.0.2")],
+               session_affinity_timeout=60), other)
     ep2 = "endpoint-2ZNDXFAB-ns1/svc1/tcp/p80__10.180.0.2/80"
+    aff1 = "affinity-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
+    aff2 = "affinity-2ZNDXFAB-ns1/svc1/tcp/p80__10.180.0.2/80"
     assert R.ENDPOINT_PREFIX + R.endpoint_chain_base(WEB.name, ep("10.180.0.2")) == ep2
+    set2 = "{ type ipv4_addr ; flags dynamic,timeout ; timeout 60s ; }"
     assert recorder.transactions[-1] == [
         f"add chain ip kube-proxy {ep2}",
         f"flush chain ip kube-proxy {WEB_CHAIN}",
+        f"add set ip kube-proxy {aff2} {set2}",
         f"add rule ip kube-proxy {ep2} ip saddr 10.180.0.2 jump mark-for-masquerade",
+        f"add rule ip kube-proxy {ep2} update @{aff2} {{ ip saddr }}",
         f"add rule ip kube-proxy {ep2} meta l4proto tcp dnat to 10.180.0.2:80",
         f"add rule ip kube-proxy {WEB_CHAIN} ip daddr 172.30.0.41 tcp dport 80 "
         "ip saddr != 10.0.0.0/8 jump mark-for-masquerade",
+        f"add rule ip kube-proxy {WEB_CHAIN} ip saddr @{aff1} goto {WEB_EP1}",
+        f"add rule ip kube-proxy {WEB_CHAIN} ip saddr @{aff2} goto {ep2}",
         f"add rule ip kube-proxy {WEB_CHAIN} numgen random mod 2 vmap @endpoints-{WEB_BASE}",
         f"add element ip kube-proxy endpoints-{WEB_BASE} {{ 1 : goto {ep2} }}",
     ]
-    # Replacing an endpoint (same count) swaps one map element; the service chain stays.
-    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1"), ep("10.180.0.3")]), other)
-    ep3 = R.ENDPOINT_PREFIX + R.endpoint_chain_base(WEB.name, ep("10.180.0.3"))
-    assert recorder.transactions[-1] == [
-        f"add chain ip kube-proxy {ep3}",
-        f"flush chain ip kube-proxy {ep2}",
-        f"delete element ip kube-proxy endpoints-{WEB_BASE} {{ 1 }}",
-        f"add rule ip kube-proxy {ep3} ip saddr 10.180.0.3 jump mark-for-masquerade",
-        f"add rule ip kube-proxy {ep3} meta l4proto tcp dnat to 10.180.0.3:80",
-        f"add element ip kube-proxy endpoints-{WEB_BASE} {{ 1 : goto {ep3} }}",
-        f"delete chain ip kube-proxy {ep2}",
-    ]
     # Removing the endpoint again deletes its chain after the service chain stops using it.
-    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")]), other)
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")], session_affinity_timeout=60),
+           other)
     last = recorder.transactions[-1]
     assert last[0] == f"flush chain ip kube-proxy {WEB_CHAIN}"
-    assert last[-1] == f"delete chain ip kube-proxy {ep3}"
+    assert last[-1] == f"delete chain ip kube-proxy {ep2}"
+    assert last.index(f"flush chain ip kube-proxy {ep2}") < last.index(
+        f"delete set ip kube-proxy {aff2}")
     assert last.index(f"delete element ip kube-proxy endpoints-{WEB_BASE} {{ 1 }}") < (
         len(last) - 1)
     assert not any("other" in line for line in last)
@@ -280,11 +367,13 @@ def test_full_sync_deletes_stale_listed_objects() -> None:
 def test_old_kernels_defer_chain_deletion(recorder: Recorder) -> None:
     d = Driver()
     d.proxier.delete_at_once = False
-    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")]), full=True)
-    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.2")]))
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")], session_affinity_timeout=9),
+           full=True)
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.2")], session_affinity_timeout=9))
     assert not any(line.startswith("delete chain") for line in recorder.transactions[-1])
     assert f"flush chain ip kube-proxy {WEB_EP1}" in recorder.transactions[-1]
-    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.2")], node_port=30001))
+    d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.2")], node_port=30001,
+               session_affinity_timeout=9))
     assert f"delete chain ip kube-proxy {WEB_EP1}" in recorder.transactions[-1]
 
 
