@@ -7,7 +7,10 @@
   Service means on this node and what it programmed (see `kproxy_core.explain`);
 * ``kproxy demo``: the quick-start demo in a sandbox of network namespaces.
 
-Every usage or configuration error is one line on stderr and exit status 2, as upstream.
+Every usage or configuration error is one line on stderr and exit status 2, as upstream;
+that includes a mode's own validation: a backend that rejects a setting raises
+`kproxy_core.options.OptionError` (from ``check_supported`` or ``__init__``), before anything
+is applied. A host that cannot run the mode (`BackendUnavailable`) or a failed start is exit 1.
 """
 
 from __future__ import annotations
@@ -139,6 +142,7 @@ def run_proxy(argv: Sequence[str]) -> int:
     from kproxy_core.backend import BackendUnavailable
     from kproxy_core.config import ConfigError, build_parser, load_config, write_config
     from kproxy_core.logs import setup_logging
+    from kproxy_core.options import OptionError
     from kproxy_core.servers import ServerError
 
     pm = _plugin_manager()
@@ -162,10 +166,14 @@ def run_proxy(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         _fail(str(exc))
     setup_logging(int(config.get("v") or 0), str(config.get("logFormat") or "text"))
-    for warning in getattr(config, "warnings", ()):
-        log.warning("configuration: %s", warning)
+
+    def log_warnings() -> None:
+        for warning in getattr(config, "warnings", ()):
+            log.warning("configuration: %s", warning)
 
     write_to = config.get("writeConfigTo")
+    if write_to or config.get("cleanup"):
+        log_warnings()
     if write_to:
         write_config(config, str(write_to))
         print(f"kproxy: wrote configuration to {write_to}")
@@ -183,10 +191,19 @@ def run_proxy(argv: Sequence[str]) -> int:
     except ModeNotFound as exc:
         _fail(str(exc))
 
+    mode = config.get("mode") or "iptables"
     try:
+        # Builds the backend, which validates what only the mode can (its registries, e.g.
+        # ipvs schedulers): before anything is started or applied.
         proxy = Proxy(config, plugins=pm)
+    except ConfigError as exc:
+        _fail(str(exc))
+    except OptionError as exc:
+        _fail(f"invalid configuration for proxy mode {mode}: {exc}")
     except BackendUnavailable as exc:
-        _fail(f"cannot run proxy mode {config.get('mode') or 'iptables'}: {exc}", 1)
+        _fail(f"cannot run proxy mode {mode}: {exc}", 1)
+    # After the backend accepted the configuration: a rejected one stays a single line.
+    log_warnings()
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -198,6 +215,11 @@ def run_proxy(argv: Sequence[str]) -> int:
     try:
         proxy.start()
     except (BackendUnavailable, ServerError, OSError) as exc:
+        _fail(f"start-up failed: {exc}", 1)
+    except Exception as exc:
+        # E.g. no kubeconfig and not in a cluster: one line for the operator; the traceback
+        # only at debug verbosity.
+        log.debug("start-up failed", exc_info=True)
         _fail(f"start-up failed: {exc}", 1)
     if config.get("initOnly"):
         proxy.stop()

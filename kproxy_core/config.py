@@ -21,11 +21,11 @@ from typing import Any
 
 import yaml
 
+from kproxy_core import featuregates
 from kproxy_core.options import (
     BOOLEAN,
     DURATION,
     INTEGER,
-    MAPPING,
     OPTIONAL_INTEGER,
     STRING,
     STRING_LIST,
@@ -91,14 +91,8 @@ def _parse_cidr_csv(value: object) -> tuple[str, ...]:
 
 
 def _parse_feature_gates(value: object) -> dict[str, bool]:
-    gates = MAPPING.parse(value)
-    result: dict[str, bool] = {}
-    for name, raw in gates.items():
-        try:
-            result[name] = BOOLEAN.parse(raw)
-        except OptionError:
-            raise OptionError(f"feature gate {name}: expected true or false, got {raw!r}") from None
-    return result
+    # Known upstream gates only, as component-base; see kproxy_core.featuregates.
+    return featuregates.parse(value)
 
 
 def _parse_any(value: object) -> Any:
@@ -777,6 +771,7 @@ def load_config(
         sources[option_path] = "flag"
 
     _apply_flag_fixups(values, flags, config_file is not None and config_file != "")
+    warnings.extend(featuregates.notes(values.get("featureGates") or {}))
     _apply_bind_family_defaults(values, sources)
     config = Config(options, values, sources=sources, passthrough=passthrough,
                     warnings=warnings)

@@ -17,7 +17,14 @@ import attrs
 
 
 class OptionError(ValueError):
-    """A value that does not parse; the message names the problem, the caller adds the field."""
+    """A value that does not parse; the message names the problem, the caller adds the field.
+
+    Also what a mode raises from ``Backend.check_supported`` or ``__init__`` when a setting
+    can only be validated there (it needs the plugin registries, e.g. ``--ipvs-scheduler``
+    naming an algorithm): the CLI reports it as a configuration error, one line, exit 2,
+    before anything is applied. `kproxy_core.backend.BackendUnavailable` stays for a host that
+    cannot run the mode (exit 1). Name the flag or field in the message.
+    """
 
 
 # --------------------------------------------------------------------------------------------

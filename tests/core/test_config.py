@@ -100,7 +100,7 @@ def test_flags_win_over_file(tmp_path: Path) -> None:
     assert config.get("mode") == "ipvs"
     assert config.cluster_cidrs == ("10.244.0.0/16", "fd00:10:244::/56")
     assert config.get("metricsBindAddress") == "0.0.0.0:10249"  # port appended
-    assert config.feature_gates == {"SomeGate": True}
+    assert config.feature_gates == {"ContextualLogging": True}
 
 
 def test_boolean_flags_like_pflag() -> None:
@@ -187,7 +187,8 @@ def write(tmp_path: Path, body: dict[str, Any]) -> str:
          "invalid configuration: configSyncPeriod: must be greater than 0"),
         ({"conntrack": {"min": -1}},
          "invalid configuration: conntrack.min: must be greater than or"),
-        ({"featureGates": {"A": "maybe"}}, "invalid configuration: featureGates: feature gate A"),
+        ({"featureGates": {"ContextualLogging": "maybe"}},
+         "invalid configuration: featureGates: invalid value of ContextualLogging=maybe"),
         ({"ipvs": {"schedular": "rr"}}, "invalid configuration: ipvs.schedular: unknown field"),
         ({"portRange": "9-2"}, "invalid configuration: portRange: must be a valid port range"),
     ],
@@ -261,7 +262,8 @@ def test_write_config_round_trip(tmp_path: Path, suffix: str) -> None:
     options = registry(ipvs_sync)
     config = parse(["--config", str(DATA / "kubeadm-config.conf").replace("kubeadm-config.conf",
                                                                              "custom.json"),
-                    "--masquerade-all", "--v=3", "--feature-gates=Foo=true,Bar=false",
+                    "--masquerade-all", "--v=3",
+                    "--feature-gates=ContextualLogging=false,WatchListClient=true",
                     "--nodeport-addresses=primary,10.0.0.0/8", "--ipvs-sync-period=1m"],
                    options)
     target = tmp_path / f"out.{suffix}"
