@@ -11,9 +11,10 @@ except for graceful termination. Either way the number of kernel writes is repor
 from __future__ import annotations
 
 import ipaddress
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 from kproxy_core.backend import (
@@ -27,7 +28,7 @@ from kproxy_core.backend import (
 from kproxy_core.localtraffic import LocalTrafficDetector
 from kproxy_core.model import ServicePortKey
 from kproxy_ipvs import rules
-from kproxy_ipvs.netlink import Kernel, NetlinkKernel
+from kproxy_ipvs.netlink import DestStats, Kernel, NetlinkKernel
 from kproxy_ipvs.rules import PortState, RealServer, VirtualServer, VSKey
 
 #: Upstream's IPVS sysctls (per network namespace).
@@ -40,6 +41,8 @@ SYSCTLS = (
 )
 STRICT_ARP_SYSCTLS = (("net/ipv4/conf/all/arp_ignore", "1"),
                       ("net/ipv4/conf/all/arp_announce", "2"))
+#: Upstream's gracefulTerminationManager checks its draining real servers every minute.
+GRACEFUL_PERIOD = 60.0
 
 
 def config_value(config: Any, path: str, default: Any) -> Any:
@@ -79,7 +82,8 @@ class IpvsProxier(Backend):
     name: ClassVar[str] = "ipvs"
     sync_period_options: ClassVar[tuple[str, str]] = ("ipvs.syncPeriod", "ipvs.minSyncPeriod")
 
-    def __init__(self, context: BackendContext, kernel: Kernel | None = None) -> None:
+    def __init__(self, context: BackendContext, kernel: Kernel | None = None,
+                 graceful_period: float = GRACEFUL_PERIOD) -> None:
         super().__init__(context)
         config = context.config
         try:
@@ -115,6 +119,13 @@ class IpvsProxier(Backend):
         self._node_ips: dict[int, tuple[str, ...]] = {}
         self._ops: Counter[str] = Counter()
         self._initialised = False
+        #: Real servers dumped during this sync (one dump per virtual server at most).
+        self._dests: dict[VSKey, Mapping[RealServer, DestStats]] = {}
+        #: Serialises syncs with the graceful-termination timer (one set of sockets).
+        self._lock = threading.Lock()
+        self._graceful_period = graceful_period
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -155,9 +166,14 @@ class IpvsProxier(Backend):
         self._initialised = True
 
     def close(self) -> None:
-        closer = getattr(self.kernel, "close", None)
-        if closer is not None:
-            closer()
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join(timeout=10)
+            self._timer = None
+        with self._lock:
+            closer = getattr(self.kernel, "close", None)
+            if closer is not None:
+                closer()
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -194,7 +210,12 @@ class IpvsProxier(Backend):
     # -- sync --------------------------------------------------------------------------------
 
     def sync(self, request: SyncRequest) -> SyncResult:
+        with self._lock:
+            return self._sync(request)
+
+    def _sync(self, request: SyncRequest) -> SyncResult:
         self._ops = Counter()
+        self._dests = {}
         external = 0.0
         try:
             if not self._initialised:
@@ -203,13 +224,18 @@ class IpvsProxier(Backend):
             self._pod_cidrs = tuple(request.view.pod_cidrs)
             if request.full or (not self._ports and not self._services):
                 external = self._full_sync(request)
+                # Partial syncs leave earlier drains to the timer: no dumps on that path.
+                self._process_graceful()
             else:
                 external = self._partial_sync(request)
-            self._process_graceful()
         except (BackendUnavailable, SyncError):
             raise
         except Exception as exc:
             raise SyncError(f"ipvs sync failed: {exc}") from exc
+        finally:
+            self._dests = {}
+        if self._graceful:
+            self._start_timer()
         counters = dict(self._ops)
         counters["virtual_servers"] = len(self._services)
         counters["real_servers"] = self._real_count
@@ -308,11 +334,13 @@ class IpvsProxier(Backend):
             if existing != vs:
                 self.kernel.update_service(vs)
                 self._op("virtual_server_update")
-            stats = self.kernel.list_dests(key)
+            stats = self._dests[key] = self.kernel.list_dests(key)
             self._sync_reals(key, reals, {r: s.weight for r, s in stats.items()}, is_new=False)
-        # New ones in one go: on a big node's first sync they are nearly everything.
+        # What is new goes in bulk (on a big node's first sync that is nearly everything),
+        # IPVS, addresses and set entries at once: separate kernel subsystems and sockets.
+        bulk_jobs: list[Callable[[], None]] = []
         if new_services:
-            self.kernel.add_services(new_services)
+            bulk_jobs.append(lambda: self.kernel.add_services(new_services))
             for vs, new_reals in new_services:
                 self._op("virtual_server_add")
                 self._ops["real_server_add"] += len(new_reals)
@@ -325,9 +353,10 @@ class IpvsProxier(Backend):
             self._op("address_del")
         missing = sorted(set(self._addresses) - bound)
         if missing:
-            self.kernel.add_addresses(rules.DUMMY_DEVICE, missing)
+            bulk_jobs.append(lambda: self.kernel.add_addresses(rules.DUMMY_DEVICE, missing))
             self._ops["address_add"] += len(missing)
         # Set entries.
+        set_adds: list[tuple[str, str, list[str]]] = []
         for family in self.families:
             for spec in rules.SETS:
                 name = rules.set_name(spec.name, family)
@@ -338,8 +367,15 @@ class IpvsProxier(Backend):
                     self._op("set_entry_del")
                 added = sorted(desired - have)
                 if added:
-                    self.kernel.add_entries(name, spec.type, added)
+                    set_adds.append((name, spec.type, added))
                     self._ops["set_entry_add"] += len(added)
+        if set_adds:
+            def add_entries() -> None:
+                for name, set_type, entries in set_adds:
+                    self.kernel.add_entries(name, set_type, entries)
+
+            bulk_jobs.append(add_entries)
+        _concurrently(bulk_jobs)
         # iptables: our chains first (the restore creates them), then the jumps to them.
         self._rules_text = {}
         elapsed = self._write_rules()
@@ -366,17 +402,23 @@ class IpvsProxier(Backend):
             self._remove_real(key, real, current[real])
 
     def _remove_real(self, key: VSKey, real: RealServer, weight: int) -> None:
-        if key.protocol != "TCP":
-            self.kernel.del_dest(key, real)
-            self._op("real_server_del")
-            self._graceful.pop((key, real), None)
-            return
+        """Upstream's GracefulDeleteRS: UDP/SCTP and idle TCP real servers go at once; a TCP
+        one with connections gets weight 0 and waits (`_process_graceful`)."""
         if (key, real) in self._graceful:
             return
-        if weight != 0:
-            self.kernel.update_dest(key, real, 0)
-            self._op("real_server_update")
-        self._graceful[(key, real)] = time.monotonic()
+        if key.protocol == "TCP":
+            stats = self._dests.get(key)
+            if stats is None:
+                stats = self._dests[key] = self.kernel.list_dests(key)
+            stat = stats.get(real)
+            if stat is not None and stat.active + stat.inactive > 0:
+                if weight != 0:
+                    self.kernel.update_dest(key, real, 0)
+                    self._op("real_server_update")
+                self._graceful[(key, real)] = time.monotonic()
+                return
+        self.kernel.del_dest(key, real)
+        self._op("real_server_del")
 
     def _drop_graceful(self, key: VSKey) -> None:
         for pending in [p for p in self._graceful if p[0] == key]:
@@ -404,8 +446,23 @@ class IpvsProxier(Backend):
 
     def poll_graceful(self) -> int:
         """Run graceful-termination deletions outside a sync; returns what is still pending."""
-        self._process_graceful()
-        return len(self._graceful)
+        with self._lock:
+            self._process_graceful()
+            return len(self._graceful)
+
+    def _start_timer(self) -> None:
+        if self._timer is None and not self._stop.is_set():
+            self._timer = threading.Thread(target=self._graceful_loop, daemon=True,
+                                           name="kproxy-ipvs-graceful")
+            self._timer.start()
+
+    def _graceful_loop(self) -> None:
+        # A thread started by the sync thread shares its network namespace.
+        while not self._stop.wait(self._graceful_period):
+            try:
+                self.poll_graceful()
+            except Exception as exc:  # the next sync or tick retries
+                self.context.logger.warning("ipvs graceful termination check failed: %s", exc)
 
     def _partial_sync(self, request: SyncRequest) -> float:
         for key in sorted(request.changed):
@@ -486,6 +543,10 @@ class IpvsProxier(Backend):
     # -- explain -----------------------------------------------------------------------------
 
     def describe(self, key: ServicePortKey) -> Mapping[str, Any]:
+        with self._lock:  # explain runs in another thread; the sockets are shared
+            return self._describe(key)
+
+    def _describe(self, key: ServicePortKey) -> Mapping[str, Any]:
         state = self._ports.get(key)
         if state is None:
             return {}
@@ -503,3 +564,30 @@ class IpvsProxier(Backend):
         out["addresses"] = sorted(state.addresses)
         out["ipsets"] = {base: sorted(entries) for base, entries in sorted(state.entries.items())}
         return out
+
+
+def _concurrently(jobs: list[Callable[[], None]]) -> None:
+    """Run ``jobs`` at once (threads share the caller's network namespace); the first error
+    is raised after all have ended. The kernel work happens inside the send calls, which
+    release the GIL, so independent kernel subsystems proceed in parallel."""
+    if len(jobs) <= 1:
+        for job in jobs:
+            job()
+        return
+    errors: list[BaseException] = []
+
+    def run(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(job,), name="kproxy-ipvs-bulk")
+               for job in jobs[1:]]
+    for thread in threads:
+        thread.start()
+    run(jobs[0])
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -100,6 +101,43 @@ def test_removed_tcp_endpoint_drains_then_goes() -> None:
     kernel.dests[cip][RealServer("10.244.1.2", 8080)] = DestStats(0, 0, 0)
     assert proxier.poll_graceful() == 0
     assert reals(kernel, cip) == {"10.244.1.3:8080": 1}
+
+
+def test_graceful_termination_timer_deletes_drained_servers_between_syncs() -> None:
+    kernel = FakeKernel()
+    proxier = IpvsProxier(context(CONFIG), kernel=kernel, graceful_period=0.02)
+    one = svc("web", "10.96.0.10", 80, (ep("10.244.1.2"), ep("10.244.1.3")))
+    two = svc("web", "10.96.0.10", 80, (ep("10.244.1.3"),))
+    proxier.sync(request(view(one)))
+    cip = VSKey("TCP", "10.96.0.10", 80)
+    kernel.dests[cip][RealServer("10.244.1.2", 8080)] = DestStats(1, 1, 0)
+    proxier.sync(request(view(two), view(one)))
+    assert reals(kernel, cip) == {"10.244.1.2:8080": 0, "10.244.1.3:8080": 1}
+    with proxier._lock:  # the connection ends (as the kernel would report it)
+        kernel.dests[cip][RealServer("10.244.1.2", 8080)] = DestStats(0, 0, 0)
+    deadline = time.monotonic() + 30
+    while reals(kernel, cip) != {"10.244.1.3:8080": 1} and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reals(kernel, cip) == {"10.244.1.3:8080": 1}
+    assert proxier._timer is not None and proxier._timer.name == "kproxy-ipvs-graceful"
+    proxier.close()
+    assert proxier._timer is None
+
+
+def test_idle_tcp_endpoint_goes_at_once_like_upstream() -> None:
+    proxier, kernel = make()
+    one = svc("web", "10.96.0.10", 80, (ep("10.244.1.2"), ep("10.244.1.3")))
+    two = svc("web", "10.96.0.10", 80, (ep("10.244.1.3"), ep("10.244.1.4")))
+    proxier.sync(request(view(one)))
+    kernel.writes.clear()
+    result = proxier.sync(request(view(two), view(one)))
+    # No weight-0 step for a real server without connections: one add, one delete (and the
+    # hairpin entries of both).
+    cip = "TCP/10.96.0.10:80"
+    assert [w for w in kernel.writes if "dest" in w] == [
+        f"add_dest {cip} 10.244.1.4:8080", f"del_dest {cip} 10.244.1.2:8080"]
+    assert result.counters["real_server_add"] == 1 and result.counters["real_server_del"] == 1
+    assert "real_server_update" not in result.counters
 
 
 def test_removed_udp_endpoint_goes_at_once() -> None:
@@ -261,19 +299,6 @@ def test_first_sync_adds_new_objects_in_bulk_and_counts_each() -> None:
     assert result.objects_written == len(kernel.writes) + 1
 
 
-def test_ipvsadm_restore_text() -> None:
-    from kproxy_ipvs.netlink import ipvsadm_restore_text
-
-    plain = rules.VirtualServer(VSKey("UDP", "10.96.0.10", 53), "rr")
-    sticky = rules.VirtualServer(VSKey("TCP", "fd00::10", 80), "lc", rules.FLAG_PERSISTENT, 600)
-    text = ipvsadm_restore_text([(plain, [RealServer("10.244.1.2", 53)]),
-                                 (sticky, [RealServer("fd00::2", 8080)])])
-    assert text == ("-A -u 10.96.0.10:53 -s rr\n"
-                    "-a -u 10.96.0.10:53 -r 10.244.1.2:53 -m -w 1\n"
-                    "-A -t [fd00::10]:80 -s lc -p 600\n"
-                    "-a -t [fd00::10]:80 -r [fd00::2]:8080 -m -w 1\n")
-
-
 def test_ipv6_sets_use_the_kube_6_prefix() -> None:
     proxier, kernel = make(families=(4, 6))
     kernel.local.append("fd00::1")
@@ -353,25 +378,3 @@ def test_describe_reads_the_kernel() -> None:
     info = proxier.describe(key("web"))
     assert info["virtual_servers"]["TCP/10.96.0.10:80"]["10.244.2.2:8080"]["weight"] == 1
     assert info["addresses"] == ["10.96.0.10"]
-
-
-def test_dump_parsing_reads_flags_timeout_and_connection_counts() -> None:
-    # pyroute2's from_message left these at its defaults (0): graceful termination then
-    # deleted real servers with live connections, and every full sync rewrote sticky services.
-    from kproxy_ipvs.netlink import parse_dest, parse_service
-
-    service = {"IPVS_CMD_ATTR_SERVICE": {"attrs": [
-        ("IPVS_SVC_ATTR_AF", 2), ("IPVS_SVC_ATTR_PROTOCOL", 6),
-        ("IPVS_SVC_ATTR_ADDR", "10.96.0.10"), ("IPVS_SVC_ATTR_PORT", 80),
-        ("IPVS_SVC_ATTR_SCHED_NAME", "rr"),
-        ("IPVS_SVC_ATTR_FLAGS", {"flags": 0x3, "mask": 0xFFFFFFFF}),
-        ("IPVS_SVC_ATTR_TIMEOUT", 600)]}}
-    assert parse_service(service) == rules.VirtualServer(
-        VSKey("TCP", "10.96.0.10", 80), "rr", rules.FLAG_PERSISTENT, 600)
-    fwmark = {"IPVS_CMD_ATTR_SERVICE": {"attrs": [("IPVS_SVC_ATTR_FWMARK", 7)]}}
-    assert parse_service(fwmark) is None
-    dest = {"IPVS_CMD_ATTR_DEST": {"attrs": [
-        ("IPVS_DEST_ATTR_ADDR", "10.244.1.2"), ("IPVS_DEST_ATTR_PORT", 8080),
-        ("IPVS_DEST_ATTR_WEIGHT", 0), ("IPVS_DEST_ATTR_ACTIVE_CONNS", 3),
-        ("IPVS_DEST_ATTR_INACT_CONNS", 2)]}}
-    assert parse_dest(dest) == (RealServer("10.244.1.2", 8080), DestStats(0, 3, 2))

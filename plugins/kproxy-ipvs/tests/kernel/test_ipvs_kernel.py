@@ -194,6 +194,33 @@ def test_external_traffic_policy_local_without_local_endpoints(cluster: ClusterS
     assert names(out["cip"]) == {"pod-2-2"}, out
 
 
+NODE_SOURCES = {"10.99.0.1", "10.244.1.1"}  # the node, as masquerade picks its address
+
+
+@pytest.mark.parametrize(("config", "remote_sources"), [
+    # The remote pod is in the cluster CIDR: kept as is.
+    ({}, {REMOTE}),
+    # Not in this node's pod CIDR / not in through a pod interface (veth*): masqueraded.
+    ({"detectLocalMode": "NodeCIDR"}, NODE_SOURCES),
+    ({"detectLocalMode": "InterfaceNamePrefix", "detectLocal.interfaceNamePrefix": "veth"},
+     NODE_SOURCES),
+], ids=["ClusterCIDR", "NodeCIDR", "InterfaceNamePrefix"])
+def test_detect_local_mode_decides_cluster_ip_masquerade(
+        cluster: ClusterSandbox, config: dict[str, Any], remote_sources: set[str]) -> None:
+    web = svc("detect", "10.96.0.21", 80, (ep(LOCAL2),))
+    node_view = view(web, pod_cidrs=("10.244.1.0/24",))
+
+    def check(_p: Any) -> dict[str, Any]:
+        return {"local": echo(cluster.pods[0].ns, "tcp", "10.96.0.21", 80, count=2),
+                "remote": echo(cluster.pods[2].ns, "tcp", "10.96.0.21", 80, count=2),
+                "client": echo(cluster.client, "tcp", "10.96.0.21", 80, count=2)}
+
+    _c, out = program(cluster, [node_view], check, config=config)
+    assert sources(out["local"]) == {LOCAL1}, out
+    assert sources(out["remote"]) and sources(out["remote"]) <= remote_sources, out
+    assert sources(out["client"]) and sources(out["client"]) <= NODE_SOURCES, out
+
+
 def test_load_balancer_source_ranges_and_external_ip(cluster: ClusterSandbox) -> None:
     allowed = svc("lb-ok", "10.96.0.12", 80, ALL, load_balancer_ips=("10.98.0.1",),
                   load_balancer_source_ranges=("10.99.0.100/32",))

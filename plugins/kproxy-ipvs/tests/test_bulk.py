@@ -1,0 +1,165 @@
+"""`kproxy_ipvs.bulk`: hand-encoded netlink batches. Encodings are checked against pyroute2's
+decoder; ipset and address batches against this host's kernel in a namespace (IPVS itself is
+checked in the VM suite: ``tests/kernel``)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kproxy_ipvs import bulk
+from kproxy_ipvs.rules import RealServer, VirtualServer, VSKey
+
+from kproxy_core.testing.innetns import in_netns
+from kproxy_core.testing.netns import NetNS, Sandbox
+
+
+def decode_ipvs(payload: bytes) -> Any:
+    from pyroute2.netlink.generic.ipvs import ipvsmsg
+
+    header = struct.pack("=IHHII", 16 + len(payload), 0x20, 1, 1, 0)
+    message = ipvsmsg(header + payload)
+    message.decode()
+    return message
+
+
+def test_ipvs_service_and_dest_decode_as_pyroute2_reads_them() -> None:
+    vs = VirtualServer(VSKey("UDP", "10.96.0.10", 53), "wlc", 0x11, 600)
+    message = decode_ipvs(bulk.genl_payload(bulk.IPVS_CMD_NEW_DEST, bulk.ipvs_service_attrs(
+        vs.key, vs), bulk.ipvs_dest_attrs(RealServer("10.244.1.2", 5353), 3)))
+    assert message["cmd"] == bulk.IPVS_CMD_NEW_DEST
+    service = message.get_attr("IPVS_CMD_ATTR_SERVICE")
+    assert service.get_attr("IPVS_SVC_ATTR_AF") == socket.AF_INET
+    assert service.get_attr("IPVS_SVC_ATTR_PROTOCOL") == socket.IPPROTO_UDP
+    assert service.get_attr("IPVS_SVC_ATTR_ADDR") == "10.96.0.10"
+    assert service.get_attr("IPVS_SVC_ATTR_PORT") == 53
+    assert service.get_attr("IPVS_SVC_ATTR_SCHED_NAME") == "wlc"
+    assert service.get_attr("IPVS_SVC_ATTR_FLAGS")["flags"] == 0x11
+    assert service.get_attr("IPVS_SVC_ATTR_TIMEOUT") == 600
+    dest = message.get_attr("IPVS_CMD_ATTR_DEST")
+    assert dest.get_attr("IPVS_DEST_ATTR_ADDR") == "10.244.1.2"
+    assert dest.get_attr("IPVS_DEST_ATTR_PORT") == 5353
+    assert dest.get_attr("IPVS_DEST_ATTR_WEIGHT") == 3
+    assert dest.get_attr("IPVS_DEST_ATTR_FWD_METHOD") == bulk.FWD_MASQ
+    assert dest.get_attr("IPVS_DEST_ATTR_ADDR_FAMILY") == socket.AF_INET
+    six = decode_ipvs(bulk.genl_payload(bulk.IPVS_CMD_NEW_DEST, bulk.ipvs_service_attrs(
+        VSKey("TCP", "fd00::10", 80)), bulk.ipvs_dest_attrs(RealServer("fd00::2", 8080))))
+    assert six.get_attr("IPVS_CMD_ATTR_SERVICE").get_attr("IPVS_SVC_ATTR_ADDR") == "fd00::10"
+    assert six.get_attr("IPVS_CMD_ATTR_DEST").get_attr("IPVS_DEST_ATTR_ADDR") == "fd00::2"
+    assert six.get_attr("IPVS_CMD_ATTR_DEST").get_attr("IPVS_DEST_ATTR_PORT") == 8080
+
+
+def test_dump_replies_parse_flags_timeout_and_connection_counts() -> None:
+    # As the kernel writes them: addresses as a 16-byte union, IP_VS_SVC_F_HASHED set.
+    def reply(kind: int, *attrs: bytes) -> bytes:
+        return bulk.genl_payload(bulk.IPVS_CMD_NEW_SERVICE, bulk.nested(kind, *attrs))
+
+    n = bulk.nla
+    v4 = socket.inet_pton(socket.AF_INET, "10.96.0.10").ljust(16, b"\0")
+    service = reply(bulk.IPVS_CMD_ATTR_SERVICE, n(1, struct.pack("=H", socket.AF_INET)),
+                    n(2, struct.pack("=H", 6)), n(3, v4), n(4, struct.pack("!H", 80)),
+                    n(6, b"rr\0"), n(7, struct.pack("=II", 0x3, 0xFFFFFFFF)),
+                    n(8, struct.pack("=I", 600)), n(9, struct.pack("=I", 0xFFFFFFFF)))
+    assert bulk.parse_service_reply(service) == VirtualServer(
+        VSKey("TCP", "10.96.0.10", 80), "rr", 0x1, 600)
+    fwmark = reply(bulk.IPVS_CMD_ATTR_SERVICE, n(1, struct.pack("=H", socket.AF_INET)),
+                   n(5, struct.pack("=I", 7)))
+    assert bulk.parse_service_reply(fwmark) is None
+    v6 = socket.inet_pton(socket.AF_INET6, "fd00::2")
+    dest = reply(bulk.IPVS_CMD_ATTR_DEST, n(1, v6), n(2, struct.pack("!H", 8080)),
+                 n(4, struct.pack("=I", 0)), n(7, struct.pack("=I", 3)),
+                 n(8, struct.pack("=I", 2)), n(11, struct.pack("=H", socket.AF_INET6)))
+    assert bulk.parse_dest_reply(dest, socket.AF_INET6) == (RealServer("fd00::2", 8080), 0, 3, 2)
+
+
+def test_unknown_set_type_is_refused() -> None:
+    with pytest.raises(ValueError, match="unsupported ipset type"):
+        bulk.ipset_entry_attrs("list:set", "x")
+
+
+@pytest.fixture
+def node() -> Iterator[NetNS]:
+    with Sandbox() as sandbox:
+        ns = sandbox.netns("bulk")
+        # (this host's kernel has no dummy driver; any device holds addresses)
+        ns.run(["ip", "link", "add", "kube-ipvs0", "type", "veth", "peer", "name", "peer0"])
+        yield ns
+
+
+SETS = {
+    "hash:ip": ["10.96.0.1", "10.96.0.2"],
+    "hash:ip,port": ["10.96.0.1,tcp:80", "10.96.0.1,udp:53", "10.96.0.2,sctp:9"],
+    "hash:ip,port,ip": ["10.244.1.2,tcp:8080,10.244.1.2"],
+    "hash:ip,port,net": ["10.98.0.1,tcp:80,10.99.0.0/24", "10.98.0.1,tcp:80,10.99.1.7"],
+    "hash:net": ["10.99.0.0/16", "192.0.2.1"],
+    "bitmap:port": ["30080", "32000"],
+}
+
+
+@pytest.mark.root
+def test_ipset_batches_add_and_delete_every_set_type(node: NetNS) -> None:
+    from kproxy_core.kernel import ipset
+
+    def run() -> dict[str, Any]:
+        writer = bulk.BulkWriter()
+        out: dict[str, Any] = {}
+        for index, (set_type, entries) in enumerate(SETS.items()):
+            name = f"T{index}"
+            ipset.create_set(name, set_type, 4, comment=True)
+            writer.set_entries(name, set_type, entries)
+            writer.set_entries(name, set_type, entries)  # again: existing entries are fine
+            out[set_type] = ipset.list_entries(name)
+            writer.set_entries(name, set_type, entries[:1], add=False)
+            out[set_type + " after delete"] = ipset.list_entries(name)
+        ipset.create_set("SIX", "hash:ip,port", 6)
+        writer.set_entries("SIX", "hash:ip,port", ["fd00::10,tcp:80"])
+        out["six"] = ipset.list_entries("SIX")
+        many = [f"10.96.{i // 250}.{i % 250 + 1},tcp:80" for i in range(1000)]
+        ipset.create_set("MANY", "hash:ip,port", 4)
+        writer.set_entries("MANY", "hash:ip,port", many)
+        out["many"] = ipset.list_entries("MANY") == set(many)
+        try:
+            writer.set_entries("MISSING", "hash:ip", ["10.0.0.1"])
+        except bulk.BatchError as exc:
+            out["missing"] = str(exc)
+        writer.close()
+        return out
+
+    out = in_netns(node.name, run, timeout=60)
+    for set_type, entries in SETS.items():
+        assert out[set_type] == {ipset.canonical_entry(set_type, e) for e in entries}, set_type
+        assert out[set_type + " after delete"] == out[set_type] - {
+            ipset.canonical_entry(set_type, entries[0])}, set_type
+    assert out["six"] == {"fd00::10,tcp:80"}
+    assert out["many"] is True
+    assert "ipset MISSING" in out["missing"] and "1 failed" in out["missing"]
+
+
+@pytest.mark.root
+def test_address_batches_add_replace_and_delete(node: NetNS) -> None:
+    addresses = [f"10.96.{i // 250}.{i % 250 + 1}" for i in range(600)] + ["fd00:96::10"]
+
+    def run() -> tuple[int, int, str]:
+        index = socket.if_nametoindex("kube-ipvs0")
+        writer = bulk.BulkWriter()
+        sent = writer.addresses(index, addresses)
+        writer.addresses(index, addresses[:10])  # already there: no failure
+        writer.addresses(index, addresses[:300], add=False)
+        try:
+            writer.addresses(index + 1000, ["10.0.0.1"])
+            failure = ""
+        except bulk.BatchError as exc:
+            failure = str(exc)
+        writer.close()
+        return sent, index, failure
+
+    sent, _index, failure = in_netns(node.name, run, timeout=60)
+    assert sent == len(addresses)
+    listed = node.run(["ip", "-o", "addr", "show", "dev", "kube-ipvs0"]).stdout
+    have = {line.split()[3].split("/")[0] for line in listed.splitlines()
+            if line.split()[2] in ("inet", "inet6")}
+    assert have == set(addresses[300:])
+    assert "10.0.0.1" in failure and "No such device" in failure
