@@ -9,8 +9,9 @@
 
 Every usage or configuration error is one line on stderr and exit status 2, as upstream;
 that includes a mode's own validation: a backend that rejects a setting raises
-`kproxy_core.options.OptionError` (from ``check_supported`` or ``__init__``), before anything
-is applied. A host that cannot run the mode (`BackendUnavailable`) or a failed start is exit 1.
+`kproxy_core.options.ModeConfigError` (any `OptionError`) from ``check_supported`` or
+``__init__``, before anything is applied. A host that cannot run the mode (a plain
+`BackendUnavailable`) or a failed start is exit 1.
 """
 
 from __future__ import annotations

@@ -15,15 +15,25 @@ from typing import Any
 
 import attrs
 
+from kproxy_core.backend import BackendUnavailable
+
 
 class OptionError(ValueError):
     """A value that does not parse; the message names the problem, the caller adds the field.
 
-    Also what a mode raises from ``Backend.check_supported`` or ``__init__`` when a setting
-    can only be validated there (it needs the plugin registries, e.g. ``--ipvs-scheduler``
-    naming an algorithm): the CLI reports it as a configuration error, one line, exit 2,
-    before anything is applied. `kproxy_core.backend.BackendUnavailable` stays for a host that
-    cannot run the mode (exit 1). Name the flag or field in the message.
+    A mode that can only validate a setting when its backend is built raises `ModeConfigError`
+    (an `OptionError`) from ``Backend.check_supported`` or ``__init__``.
+    """
+
+
+class ModeConfigError(OptionError, BackendUnavailable):
+    """A mode rejects one of its settings in ``Backend.check_supported`` or ``__init__``, where
+    the check needs more than the value (the plugin registries: ``--ipvs-scheduler`` naming an
+    algorithm, ``--userspace-algorithm``...). The CLI reports it as a configuration error: one
+    line, exit 2, before anything is started or applied. Name the flag or field in the message.
+
+    It is also a `BackendUnavailable`, so code and tests that expected that keep working; a
+    plain `BackendUnavailable` stays for a host that cannot run the mode (exit 1).
     """
 
 

@@ -29,7 +29,7 @@ from kproxy_core.backend import (
     SyncResult,
 )
 from kproxy_core.demo import kproxy_command
-from kproxy_core.options import STRING, Option, OptionError, OptionRegistry
+from kproxy_core.options import STRING, ModeConfigError, Option, OptionError, OptionRegistry
 from kproxy_core.plugins import KproxyPluginManager, Registry
 from kproxy_core.testing.netns import NetNS, Sandbox
 
@@ -53,8 +53,10 @@ class StrictBackend(Backend):
     def __init__(self, context: BackendContext) -> None:
         super().__init__(context)
         level = context.config.get("strict.level")
+        if level == "plain":
+            raise OptionError("--strict-level: 'plain' is not a level")
         if level not in ("ok", ""):
-            raise OptionError(f"--strict-level: unknown level {level!r}; choose one of ok")
+            raise ModeConfigError(f"--strict-level: unknown level {level!r}; choose one of ok")
 
     def sync(self, request: SyncRequest) -> SyncResult:
         raise AssertionError("a rejected configuration must never sync")
@@ -128,6 +130,19 @@ def test_backend_option_error_is_a_config_error(run: Any) -> None:
     status, lines, _ = run("--proxy-mode=strict", "--strict-level=bogus")
     _one_line(status, lines, "invalid configuration for proxy mode strict: --strict-level: "
                              "unknown level 'bogus'")
+
+
+def test_mode_config_error_is_also_backend_unavailable() -> None:
+    # A mode that raised BackendUnavailable for a bad setting switches without breaking
+    # callers (or tests) that catch BackendUnavailable.
+    assert issubclass(ModeConfigError, BackendUnavailable)
+    assert issubclass(ModeConfigError, OptionError)
+
+
+def test_plain_option_error_from_a_backend_is_a_config_error(run: Any) -> None:
+    status, lines, _ = run("--proxy-mode=strict", "--strict-level=plain")
+    _one_line(status, lines, "invalid configuration for proxy mode strict: --strict-level: "
+                             "'plain' is not a level")
 
 
 def test_option_error_from_check_supported_is_a_config_error(run: Any) -> None:
