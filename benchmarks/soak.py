@@ -423,6 +423,12 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
     for record in failures:
         record["server"] = [line for line in seen.get(record["port"], [])
                             if abs(float(line.split()[1]) - record["started"]) < 10]
+        if not record["server"]:
+            # The userspace mode relays from its own socket (another port): list what the
+            # servers accepted while the request was pending instead.
+            begin, end = record["started"] - 0.1, record["started"] + record["total_s"] + 5
+            record["server"] = [f"(by time) {line}" for lines in seen.values()
+                                for line in lines if begin <= float(line.split()[1]) <= end]
     metrics = c.metrics()
     second_half = [s for s in rss if s[0] >= minutes * 30]
     return {
