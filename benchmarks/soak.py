@@ -423,10 +423,11 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
     for record in failures:
         record["server"] = [line for line in seen.get(record["port"], [])
                             if abs(float(line.split()[1]) - record["started"]) < 10]
-        if not record["server"]:
+        if not record["server"] and c.mode == "userspace":
             # The userspace mode relays from its own socket (another port): list what the
-            # servers accepted while the request was pending instead.
-            begin, end = record["started"] - 0.1, record["started"] + record["total_s"] + 5
+            # servers accepted while the request was pending instead (the client is
+            # sequential: nothing else of ours was in flight then).
+            begin, end = record["started"] - 0.1, record["started"] + record["total_s"]
             record["server"] = [f"(by time) {line}" for lines in seen.values()
                                 for line in lines if begin <= float(line.split()[1]) <= end]
     metrics = c.metrics()
