@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
+import signal
 import socket
 import socketserver
 import subprocess
@@ -59,6 +61,7 @@ FIXED_IP = "10.96.200.1"
 #: the fixed service's target port: the logging server (the pods' echo server keeps 8080)
 LOG_PORT = 8081
 FIXED_PODS = ("pod-1-2", "pod-2-2")
+CLIENT_POD = "pod-1-3"
 #: chains of one service port: they must not outlive the service
 _SERVICE_CHAIN = re.compile(r"^:(KUBE-(?:SVC|SEP|FW|XLB|EXT|SVL)-[A-Z0-9]+)", re.M)
 
@@ -311,21 +314,78 @@ def _soak_in(workdir: Path, mode: str, minutes: float, sample: float, churn_inte
         c.close()
 
 
-def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
-          max_services: int, seed: int) -> dict[str, Any]:
+def start_fixed_service(c: Cluster) -> list[subprocess.Popen[bytes]]:
+    """Logging servers in the fixed pods, kproxy, and the fixed Service answering."""
+    servers = []
     for name in FIXED_PODS:
         pod = c.pod(name)
-        pod.ns.spawn([sys.executable, str(Path(__file__).resolve()), "--serve-log", name,
-                      str(LOG_PORT), str(c.workdir / f"serve-{name}.log")],
-                     stdout=subprocess.DEVNULL)
+        servers.append(pod.ns.spawn(
+            [sys.executable, str(Path(__file__).resolve()), "--serve-log", name,
+             str(LOG_PORT), str(c.workdir / f"serve-{name}.log")], stdout=subprocess.DEVNULL))
         wait_for_port(pod.ns, pod.ip, LOG_PORT, timeout=30)
-    kp = c.start_kproxy()
-    pid = kp.proc.pid
-    client = c.pod("pod-1-3")
-    in_client = NetnsThread(client.ns.name)
+    c.start_kproxy()
     c.apply(service_obj("fixed", FIXED_IP, [svc_port(80, LOG_PORT)]),
             endpoint_slice_obj("fixed", c.eps(*FIXED_PODS), ports=(("", LOG_PORT, "TCP"),)))
-    c.wait_answered_by(client, FIXED_IP, 80, set(FIXED_PODS), count=16)
+    c.wait_answered_by(c.pod(CLIENT_POD), FIXED_IP, 80, set(FIXED_PODS), count=16)
+    return servers
+
+
+def as_record(p: Probe, t: float, request: int) -> dict[str, Any]:
+    return {"t": round(t, 3), "utc": time.strftime("%H:%M:%S", time.gmtime(p.started)),
+            "started": round(p.started, 3), "port": p.local_port,
+            "connect_s": round(p.connect_s, 3), "total_s": round(p.total_s, 3),
+            "phase": p.phase, "reply": p.reply, "request": request}
+
+
+def snapshot(c: Cluster, record: dict[str, Any]) -> None:
+    """What the machine and the node's conntrack held right after a failed request."""
+    record["load"] = loadavg()
+    record["cpu_pressure"] = cpu_pressure()
+    record["conntrack"] = c.sb.node.run(
+        ["conntrack", "-L", "-p", "tcp", "--orig-src", c.pod(CLIENT_POD).ip,
+         "--sport", str(record["port"])], check=False).stdout.strip()
+
+
+def match_servers(c: Cluster, failures: list[dict[str, Any]]) -> None:
+    """Did the failed requests reach a server? Matched by client source port and start time
+    (a port is reused after the range wraps, so only lines within 10 s count)."""
+    seen = server_log_lines(c)
+    for record in failures:
+        record["server"] = [line for line in seen.get(record["port"], [])
+                            if abs(float(line.split()[1]) - record["started"]) < 10]
+        if not record["server"] and c.mode == "userspace":
+            # The userspace mode relays from its own socket (another port): list what the
+            # servers accepted while the request was pending instead (the client is
+            # sequential: nothing else of ours was in flight then).
+            begin, end = record["started"] - 0.1, record["started"] + record["total_s"]
+            record["server"] = [f"(by time) {line}" for lines in seen.values()
+                                for line in lines if begin <= float(line.split()[1]) <= end]
+
+
+def print_failure(f: dict[str, Any]) -> None:
+    print(f"  failed at t={f['t']}s ({f['utc']} UTC), request {f['request']}, client port "
+          f"{f['port']}: {f['reply']} in phase {f['phase']} (connect {f['connect_s']}s, "
+          f"total {f['total_s']}s), load {f.get('load', '?')}")
+    if "conntrack" in f:
+        print(f"    conntrack: {f['conntrack'] or '(no entry)'}")
+        print(f"    cpu pressure: {f['cpu_pressure']}")
+    for line in f.get("server") or ["(no server saw this connection)"]:
+        fields = line.split()
+        late = ""
+        if len(fields) == 5 and fields[0] in FIXED_PODS:
+            # <pod> <accepted> <answered> <peer ip> <peer port>
+            late = (f" (accepted {float(fields[1]) - f['started']:+.3f}s, answered "
+                    f"{float(fields[2]) - f['started']:+.3f}s after the client started)")
+        print(f"    server: {line}{late}")
+
+
+def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
+          max_services: int, seed: int) -> dict[str, Any]:
+    start_fixed_service(c)
+    assert c.kproxy is not None
+    kp = c.kproxy
+    pid = kp.proc.pid
+    in_client = NetnsThread(c.pod(CLIENT_POD).ns.name)
     baseline_chains = live_service_chains(c)
     fds_before, threads_before = open_fds(pid), threads(pid)
 
@@ -346,11 +406,7 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
             p = in_client.call(lambda: probe(FIXED_IP, 80, 2.0))
             now = time.monotonic()
             requests += 1
-            record = {"t": round(now - start, 3),
-                      "utc": time.strftime("%H:%M:%S", time.gmtime(p.started)),
-                      "started": round(p.started, 3), "port": p.local_port,
-                      "connect_s": round(p.connect_s, 3), "total_s": round(p.total_s, 3),
-                      "phase": p.phase, "reply": p.reply, "request": requests}
+            record = as_record(p, now - start, requests)
             if 1.0 <= p.connect_s < 1.5:
                 syn_retransmits += 1
             if answered(p.reply):
@@ -364,12 +420,7 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
             else:
                 failures.append(record)
                 if len(failures) <= 5:
-                    # What the kernel and the machine held right after a failure.
-                    record["load"] = loadavg()
-                    record["cpu_pressure"] = cpu_pressure()
-                    record["conntrack"] = c.sb.node.run(
-                        ["conntrack", "-L", "-p", "tcp", "--orig-src", client.ip,
-                         "--sport", str(p.local_port)], check=False).stdout.strip()
+                    snapshot(c, record)
                     saved = c.sb.node.run(["iptables-save", "-t", "nat"], check=False).stdout
                     (c.workdir / f"failure-{len(failures)}-nat.txt").write_text(saved)
             time.sleep(0.02)
@@ -417,19 +468,7 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
     except AssertionError:
         pass
     in_client.close()
-    # Did the failed requests reach a server? Matched by client source port and start time
-    # (a port is reused after the range wraps, so only lines within 10 s count).
-    seen = server_log_lines(c)
-    for record in failures:
-        record["server"] = [line for line in seen.get(record["port"], [])
-                            if abs(float(line.split()[1]) - record["started"]) < 10]
-        if not record["server"] and c.mode == "userspace":
-            # The userspace mode relays from its own socket (another port): list what the
-            # servers accepted while the request was pending instead (the client is
-            # sequential: nothing else of ours was in flight then).
-            begin, end = record["started"] - 0.1, record["started"] + record["total_s"]
-            record["server"] = [f"(by time) {line}" for lines in seen.values()
-                                for line in lines if begin <= float(line.split()[1]) <= end]
+    match_servers(c, failures)
     metrics = c.metrics()
     second_half = [s for s in rss if s[0] >= minutes * 30]
     return {
@@ -464,6 +503,55 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
     }
 
 
+def calibrate(workdir: Path) -> None:
+    """Show what the failure report says for the two causes it must tell apart, caused on
+    purpose: both endpoint servers stopped for 3 s (a starved process: the kernel completes
+    the handshake, nobody answers) and the client's SYNs dropped for 3 s (a packet lost on
+    the way: nothing reaches a server)."""
+    c = Cluster("iptables", workdir)
+    try:
+        servers = start_fixed_service(c)
+        client = c.pod(CLIENT_POD)
+        in_client = NetnsThread(client.ns.name)
+        drop = ["OUTPUT", "-p", "tcp", "--dport", "80", "--syn", "-j", "DROP"]
+
+        def stop_servers() -> None:
+            for proc in servers:
+                os.kill(proc.pid, signal.SIGSTOP)
+
+        def cont_servers() -> None:
+            for proc in servers:
+                os.kill(proc.pid, signal.SIGCONT)
+
+        cases = [
+            ("endpoint servers stopped 3 s (starvation)", stop_servers, cont_servers),
+            ("client SYNs dropped 3 s (packet loss)",
+             lambda: client.ns.run(["iptables", "-I", *drop]),
+             lambda: client.ns.run(["iptables", "-D", *drop])),
+        ]
+        failures = []
+        for number, (what, begin, end) in enumerate(cases, 1):
+            begin()
+            timer = threading.Timer(3.0, end)
+            timer.start()
+            try:
+                p = in_client.call(lambda: probe(FIXED_IP, 80, 2.0))
+                record = as_record(p, 0.0, number)
+                record["case"] = what
+                snapshot(c, record)
+            finally:
+                timer.join()
+            failures.append(record)
+            time.sleep(1.5)  # the stopped servers catch up; the next case starts clean
+        match_servers(c, failures)
+        for record in failures:
+            print(f"{record['case']}:")
+            print_failure(record)
+        in_client.close()
+    finally:
+        c.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--serve-log"]:
@@ -482,7 +570,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep kproxy's log and failure snapshots here (default: a "
                         "temporary directory, removed)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="only show the failure report for a stopped endpoint and for "
+                        "dropped SYNs, caused on purpose (about 20 s)")
     args = parser.parse_args(argv)
+    if args.calibrate:
+        with TemporaryDirectory(prefix="kproxy-soak-") as tmp:
+            workdir = args.workdir or Path(tmp)
+            workdir.mkdir(parents=True, exist_ok=True)
+            calibrate(workdir)
+        return 0
     if args.minutes <= 0 or args.sample <= 0 or args.churn_interval <= 0:
         parser.error("--minutes, --sample and --churn-interval must be positive")
     print(f"soak: {args.minutes:g} min, mode {args.mode}, churn every {args.churn_interval}s, "
@@ -493,14 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fixed service: {r['requests']} requests, {r['failed']} failed, "
           f"longest gap {r['longest_gap_s']}s")
     for f in r["failures"]:
-        print(f"  failed at t={f['t']}s ({f['utc']} UTC), request {f['request']}, client port "
-              f"{f['port']}: {f['reply']} in phase {f['phase']} (connect {f['connect_s']}s, "
-              f"total {f['total_s']}s), load {f.get('load', '?')}")
-        if "conntrack" in f:
-            print(f"    conntrack: {f['conntrack'] or '(no entry)'}")
-            print(f"    cpu pressure: {f['cpu_pressure']}")
-        for line in f["server"] or ["(no server saw this connection)"]:
-            print(f"    server: {line}")
+        print_failure(f)
     print(f"answered slower than {r['answered_slower_than']}; connects that needed a SYN "
           f"retransmit: {r['syn_retransmit_connects']}; load avg (1 min) mean "
           f"{r['load_avg_1m_mean']} max {r['load_avg_1m_max']}")
