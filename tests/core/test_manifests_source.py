@@ -1,4 +1,5 @@
-"""ManifestSource: YAML/JSON directory → replace() of all kinds, re-read on change."""
+"""ManifestSource: YAML/JSON directory → replace() of all kinds at start, then only the
+objects that changed."""
 
 from __future__ import annotations
 
@@ -24,26 +25,45 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "manifests"
 
 
 class Events:
+    """Records every call and keeps the state the calls add up to, as the core would."""
+
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.replaced: list[tuple[str, list[Mapping[str, Any]]]] = []
+        self.calls: list[tuple[str, str, str]] = []
+        self.state: dict[str, dict[tuple[str, str], Mapping[str, Any]]] = {}
+
+    @staticmethod
+    def _ref(obj: Mapping[str, Any]) -> tuple[str, str]:
+        meta = obj["metadata"]
+        return (meta.get("namespace", ""), meta["name"])
 
     def replace(self, kind: str, objects: Sequence[Mapping[str, Any]]) -> None:
         with self.lock:
             self.replaced.append((kind, list(objects)))
+            self.calls.append(("replace", kind, ""))
+            self.state[kind] = {self._ref(o): o for o in objects}
 
     def upsert(self, kind: str, obj: Mapping[str, Any]) -> None:
-        raise AssertionError("the manifests source only replaces")
+        with self.lock:
+            self.calls.append(("upsert", kind, obj["metadata"]["name"]))
+            self.state[kind][self._ref(obj)] = obj
 
     def delete(self, kind: str, obj: Mapping[str, Any]) -> None:
-        raise AssertionError("the manifests source only replaces")
+        with self.lock:
+            self.calls.append(("delete", kind, obj["metadata"]["name"]))
+            del self.state[kind][self._ref(obj)]
 
     def latest(self, kind: str) -> list[Mapping[str, Any]]:
         with self.lock:
-            return next(objs for k, objs in reversed(self.replaced) if k == kind)
+            return list(self.state[kind].values())
 
     def names(self, kind: str) -> list[str]:
         return sorted(o["metadata"]["name"] for o in self.latest(kind))
+
+    def since(self, mark: int) -> list[tuple[str, str, str]]:
+        with self.lock:
+            return self.calls[mark:]
 
 
 class Config:
@@ -156,15 +176,109 @@ def test_scan_delivers_only_on_change(tmp_path: Path, sources: list[ManifestSour
     path = tmp_path / "s.yaml"
     path.write_text(svc_yaml("a", "10.96.0.1"))
     source, events = start(tmp_path, sources, poll=3600)
-    assert len(events.replaced) == 3
-    assert source.scan() is False and len(events.replaced) == 3
+    assert [c[:2] for c in events.calls] == [("replace", "Service"),
+                                             ("replace", "EndpointSlice"), ("replace", "Node")]
+    mark = len(events.calls)
+    assert source.scan() is False and events.since(mark) == []
     (tmp_path / "t.yaml").write_text(svc_yaml("b", "10.96.0.2"))
     assert source.scan() is True
-    assert [k for k, _ in events.replaced[3:]] == ["Service", "EndpointSlice", "Node"]
+    assert events.since(mark) == [("upsert", "Service", "b")]
     assert events.names("Service") == ["a", "b"]
+    mark = len(events.calls)
     (tmp_path / "t.yaml").unlink()
     assert source.scan() is True
+    assert events.since(mark) == [("delete", "Service", "b")]
     assert events.names("Service") == ["a"]
+    # Rewritten with the same content: read again, nothing delivered.
+    mark = len(events.calls)
+    path.write_text(svc_yaml("a", "10.96.0.1"))
+    bump_mtime(path)
+    assert source.scan() is False and events.since(mark) == []
+
+
+def slice_doc(name: str, ip: str) -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": name.split("-")[0]}},
+            "addressType": "IPv4", "ports": [{"name": "", "port": 80, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip]}]}
+
+
+def test_one_object_edited_in_a_large_file_is_one_upsert(
+        tmp_path: Path, sources: list[ManifestSource]) -> None:
+    path = tmp_path / "slices.json"
+    items = [slice_doc(f"s{i}-x", f"10.1.{i // 250}.{i % 250 + 1}") for i in range(500)]
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    source, events = start(tmp_path, sources, poll=3600)
+    assert len(events.names("EndpointSlice")) == 500
+    mark = len(events.calls)
+    items[321] = slice_doc("s321-x", "10.9.9.9")
+    items[7]["metadata"] = {"namespace": "default", "name": "s7-x",
+                            "labels": {"kubernetes.io/service-name": "s7"}}  # same content
+    del items[400]
+    items.append(slice_doc("new-x", "10.9.9.10"))
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    bump_mtime(path)
+    assert source.scan() is True
+    assert sorted(events.since(mark)) == [("delete", "EndpointSlice", "s400-x"),
+                                          ("upsert", "EndpointSlice", "new-x"),
+                                          ("upsert", "EndpointSlice", "s321-x")]
+    delivered = {o["metadata"]["name"]: o for o in events.latest("EndpointSlice")}
+    assert delivered["s321-x"]["endpoints"] == [{"addresses": ["10.9.9.9"]}]
+    assert len(delivered) == 500
+
+
+def test_duplicates_across_files_last_path_wins(tmp_path: Path,
+                                                sources: list[ManifestSource]) -> None:
+    (tmp_path / "a.yaml").write_text(svc_yaml("dup", "10.96.0.1"))
+    (tmp_path / "b.yaml").write_text(svc_yaml("dup", "10.96.0.2"))
+    source, events = start(tmp_path, sources, poll=3600)
+    assert [o["spec"]["clusterIP"] for o in events.latest("Service")] == ["10.96.0.2"]
+    # Editing the losing definition changes nothing...
+    mark = len(events.calls)
+    (tmp_path / "a.yaml").write_text(svc_yaml("dup", "10.96.0.3"))
+    bump_mtime(tmp_path / "a.yaml")
+    assert source.scan() is False and events.since(mark) == []
+    # ...until the winning one goes away: the earlier file's (current) definition is back.
+    (tmp_path / "b.yaml").unlink()
+    assert source.scan() is True
+    assert events.since(mark) == [("upsert", "Service", "dup")]
+    assert [o["spec"]["clusterIP"] for o in events.latest("Service")] == ["10.96.0.3"]
+    (tmp_path / "a.yaml").unlink()
+    assert source.scan() is True
+    assert events.since(mark)[-1] == ("delete", "Service", "dup")
+    assert events.names("Service") == []
+
+
+def test_selection_and_node_changes_become_upserts_and_deletes(
+        tmp_path: Path, sources: list[ManifestSource]) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(svc_yaml("a", "10.96.0.1"))
+    node = tmp_path / "node.yaml"
+    node.write_text("apiVersion: v1\nkind: Node\nmetadata: {name: node}\n---\n"
+                    "apiVersion: v1\nkind: Node\nmetadata: {name: other}\n")
+    source, events = start(tmp_path, sources, poll=3600)
+    assert events.names("Node") == ["node"]
+    mark = len(events.calls)
+    # Labelled for another proxy: kube-proxy's selector drops it, so the core must too.
+    path.write_text(svc_yaml("a", "10.96.0.1", "  labels:\n"
+                             "    service.kubernetes.io/service-proxy-name: x\n"))
+    bump_mtime(path)
+    node.write_text("apiVersion: v1\nkind: Node\nmetadata: {name: node, labels: {z: a}}\n")
+    bump_mtime(node)
+    assert source.scan() is True
+    assert events.since(mark) == [("upsert", "Node", "node"), ("delete", "Service", "a")]
+    assert events.latest("Node")[0]["metadata"]["labels"] == {"z": "a"}
+    assert events.names("Service") == []
+
+
+def test_force_upserts_everything_again(tmp_path: Path, sources: list[ManifestSource]) -> None:
+    (tmp_path / "s.yaml").write_text(svc_yaml("a", "10.96.0.1") + "---\n"
+                                     + svc_yaml("b", "10.96.0.2"))
+    source, events = start(tmp_path, sources, poll=3600)
+    mark = len(events.calls)
+    assert source.scan(force=True) is True
+    assert sorted(events.since(mark)) == [("upsert", "Service", "a"), ("upsert", "Service", "b")]
 
 
 def test_parse_error_keeps_previous_content(tmp_path: Path, sources: list[ManifestSource],
