@@ -28,6 +28,7 @@ from kproxy_nftables.rules import (
     HAIRPIN_SET,
     TABLE,
     endpoint_map_type,
+    is_address_map,
     is_endpoints_map,
 )
 
@@ -184,7 +185,7 @@ _RULES: list[tuple[re.Pattern[str], str]] = [
                 r"(?: (ip6?) saddr != (\S+))? jump " + _NAME + "$"), "masq"),
     (re.compile(r"numgen random mod (\d+) vmap @" + _NAME + "$"), "numgen"),
     (re.compile(r"meta l4proto (tcp|udp|sctp) dnat (ip6?) addr \. port to numgen random "
-                r"mod (\d+) map @" + _NAME + "$"), "dnat_map"),
+                r"mod (\d+) offset (\d+) map @" + _NAME + "$"), "dnat_map"),
     (re.compile(r"(jump|goto) " + _NAME + "$"), "verdict"),
 ]
 
@@ -220,10 +221,11 @@ def _rule_exprs(fam: str, text: str) -> bytes:
             # numgen's host-order value is turned big-endian for the interval lookup; the
             # looked-up address lands in register 1, the port right after it.
             return (_l4proto(m[1])
-                    + _expr("numgen", _u32(1, 1), _u32(2, int(m[3])), _u32(3, 1), _u32(4, 0))
+                    + _expr("numgen", _u32(1, 1), _u32(2, int(m[3])), _u32(3, 1),
+                            _u32(4, int(m[4])))
                     + _expr("byteorder", _u32(1, 1), _u32(2, 1), _u32(3, 1), _u32(4, 4),
                             _u32(5, 4))
-                    + _expr("lookup", _u32(2, 1), _u32(3, 1), _str(1, m[4]))
+                    + _expr("lookup", _u32(2, 1), _u32(3, 1), _str(1, m[5]))
                     + _expr("nat", _u32(1, 1), _u32(2, family), _u32(3, 1),
                             _u32(5, 9 if fam == "ip" else 2)))
         if kind == "verdict":
@@ -301,7 +303,7 @@ def _ranges(fam: str, body: str, *, with_data: bool) -> bytes:
 
 
 def _elements(fam: str, name: str, body: str, *, with_data: bool) -> bytes:
-    if is_endpoints_map(name) and _RANGE.match(body.split(", ")[0].partition(" : ")[0]):
+    if is_address_map(name):
         return _ranges(fam, body, with_data=with_data)
     out = b""
     for item in body.split(", "):
@@ -341,15 +343,13 @@ _STATEMENTS: list[tuple[re.Pattern[str], str]] = [
 
 def _map_attrs(fam: str, name: str, declaration: str, seq: int) -> bytes:
     """NEWSET attributes of an endpoint map: a verdict map (affinity) or an address map."""
-    if not is_endpoints_map(name):
-        raise _Unsupported(name)
-    if declaration == ENDPOINTS_MAP_TYPE:
+    if is_endpoints_map(name) and declaration == ENDPOINTS_MAP_TYPE:
         return (_u32(3, NFT_SET_MAP) + _u32(4, TYPE_INTEGER) + _u32(5, 4)
                 + _u32(6, NFT_DATA_VERDICT) + _u32(7, 0) + _u32(10, seq)
                 + _attr(13, ENDPOINTS_MAP_UDATA))
     proto = next((p for p in _UDATA_L4 if declaration == endpoint_map_type(
         4 if fam == "ip" else 6, p)), None)
-    if proto is None:
+    if proto is None or not is_address_map(name):
         raise _Unsupported(declaration)
     data_type, data_len = ADDRESS_MAP_DATA[fam]
     l3, field = _UDATA_L3[fam]

@@ -215,16 +215,24 @@ def dnat_target(rule: Sequence[Mapping[str, Any]]) -> str | None:
 
 def dnat_map_targets(rule: Sequence[Mapping[str, Any]],
                      maps: Mapping[str, Mapping[tuple[Any, ...], Any]]) -> list[str]:
-    """``ip:port`` (``[ip]:port``) of every element of the address map a
-    ``dnat … to numgen … map @m`` statement in ``rule`` picks from; empty for other rules."""
+    """``ip:port`` (``[ip]:port``) of every element a ``dnat … to numgen … map @m``
+    statement in ``rule`` can pick from its block of the address map; empty for other
+    rules."""
     for expr in rule:
         dnat = expr.get("dnat") if isinstance(expr, Mapping) else None
         addr = dnat.get("addr") if isinstance(dnat, Mapping) else None
         lookup = addr.get("map") if isinstance(addr, Mapping) else None
         if not isinstance(lookup, Mapping) or not str(lookup.get("data", "")).startswith("@"):
             continue
+        numgen = lookup.get("key", {}).get("numgen", {}) if isinstance(
+            lookup.get("key"), Mapping) else {}
+        # The map is shared: this rule owns the numgen block offset … offset + mod - 1.
+        low = int(numgen.get("offset", 0))
+        high = low + (int(numgen.get("mod", 0)) & 0xFFFFFFFF)
         out = []
-        for value in maps.get(str(lookup["data"])[1:], {}).values():
+        for key, value in maps.get(str(lookup["data"])[1:], {}).items():
+            if not (isinstance(key[0], int) and low <= key[0] < high):
+                continue
             if isinstance(value, Mapping) and len(value.get("concat", ())) == 2:
                 ip, port = value["concat"]
                 out.append(f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}")

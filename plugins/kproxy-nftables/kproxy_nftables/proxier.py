@@ -109,8 +109,46 @@ def kernel_deletes_chains_at_once() -> bool:
     return match is None or (int(match[1]), int(match[2])) >= (6, 2)
 
 
+class Slots:
+    """Which numgen block of the address maps each service/local chain owns. A chain keeps
+    its block while it exists, so its dispatch rule never changes; blocks given up in one
+    transaction are handed out again only in a later one (`fork`)."""
+
+    __slots__ = ("free", "owner", "released", "top")
+
+    def __init__(self) -> None:
+        self.owner: dict[str, int] = {}
+        self.free: list[int] = []
+        self.released: list[int] = []
+        self.top = 0
+
+    def fork(self) -> Slots:
+        """A copy to plan one transaction with (the state is replaced on success)."""
+        copy = Slots()
+        copy.owner = dict(self.owner)
+        copy.free = sorted(self.free + self.released, reverse=True)
+        copy.top = self.top
+        return copy
+
+    def get(self, chain: str) -> int:
+        slot = self.owner.get(chain)
+        if slot is None:
+            if self.free:
+                slot = self.free.pop()
+            else:
+                slot, self.top = self.top, self.top + 1
+            self.owner[chain] = slot
+        return slot
+
+    def release(self, chain: str) -> None:
+        slot = self.owner.pop(chain, None)
+        if slot is not None:
+            self.released.append(slot)
+
+
 class _FamilyState:
-    __slots__ = ("cfg", "cluster_ip_refs", "hairpin_refs", "programmed", "stale_chains")
+    __slots__ = ("cfg", "cluster_ip_refs", "hairpin_refs", "programmed", "slots",
+                 "stale_chains")
 
     def __init__(self) -> None:
         self.cfg: R.FamilyConfig | None = None
@@ -118,6 +156,7 @@ class _FamilyState:
         self.cluster_ip_refs: Counter[str] = Counter()
         #: Endpoint IP -> number of programmed ports reaching it through an address map.
         self.hairpin_refs: Counter[str] = Counter()
+        self.slots = Slots()
         #: Chains flushed on an old kernel, deleted on a later sync.
         self.stale_chains: set[str] = set()
 
@@ -165,27 +204,34 @@ class NftablesProxier(Backend):
             node_ip=node_ip,
         )
 
-    def render(self, port: ResolvedServicePort, cfg: R.FamilyConfig) -> R.PortRender:
-        return R.render_port(port, cfg)
+    def render(self, port: ResolvedServicePort, cfg: R.FamilyConfig,
+               slots: Slots | None = None) -> R.PortRender:
+        """``slots``: the numgen blocks (a fresh numbering without)."""
+        return R.render_port(port, cfg, slots.get if slots is not None else None)
 
     def plan(self, request: SyncRequest, family: int, *, full: bool,
              existing: tuple[set[str], dict[str, int | None]] | None = None) -> tuple[
-                 Plan, dict[ServicePortKey, R.PortRender], Counter[str], Counter[str]]:
+                 Plan, dict[ServicePortKey, R.PortRender], Counter[str], Counter[str], Slots]:
         """The statements for ``family`` and the state they leave (committed on success)."""
         state = self.state[family]
         cfg = self.family_config(family, request.view)
         ports = {k: v for k, v in request.view.services.items() if k.family == family}
+        slots = state.slots.fork()
         if full or state.cfg is None:
-            renders = {key: self.render(port, cfg) for key, port in sorted(ports.items())}
+            renders = {key: self.render(port, cfg, slots)
+                       for key, port in sorted(ports.items())}
+            owned = {chain for r in renders.values() for chain in r.slots}
+            for chain in set(slots.owner) - owned:
+                slots.release(chain)
             chains, sets = existing if existing is not None else (set(), {})
             chains = {c for c in chains if R.is_service_chain(c)}
-            sets = {s: t for s, t in sets.items()
-                    if R.is_affinity_set(s) or R.is_endpoints_map(s)}
+            sets = {s: t for s, t in sets.items() if R.is_affinity_set(s)
+                    or R.is_endpoints_map(s) or R.is_address_map(s)}
             plan = full_plan(cfg, renders.values(), chains, sets,
                              defer_deletes=not self.delete_at_once)
             refs = Counter(r.cluster_ip for r in renders.values() if r.cluster_ip)
             hairpin = Counter(ip for r in renders.values() for ip in r.hairpin)
-            return plan, renders, refs, hairpin
+            return plan, renders, refs, hairpin, slots
         plan = Plan(family, defer_deletes=not self.delete_at_once)
         if cfg != state.cfg:
             if cfg.nodeport_ips != state.cfg.nodeport_ips or cfg.node_ip != state.cfg.node_ip:
@@ -202,7 +248,9 @@ class NftablesProxier(Backend):
         for key in sorted(k for k in request.changed if k.family == family):
             old = programmed.get(key, R.EMPTY_RENDER)
             port = ports.get(key)
-            new = self.render(port, cfg) if port is not None else R.EMPTY_RENDER
+            new = self.render(port, cfg, slots) if port is not None else R.EMPTY_RENDER
+            for chain in old.slots.keys() - new.slots.keys():
+                slots.release(chain)
             if old == new:
                 continue
             diff_plan(plan, old, new)
@@ -221,7 +269,7 @@ class NftablesProxier(Backend):
                 programmed.pop(key, None)
             else:
                 programmed[key] = new
-        return plan, programmed, refs, hairpin
+        return plan, programmed, refs, hairpin, slots
 
     # -- syncing --------------------------------------------------------------------------------
 
@@ -229,16 +277,16 @@ class NftablesProxier(Backend):
         if request.full and self.settings.needs_interface_ips:
             self._interface_ips = local_addresses()
         plans: list[tuple[int, Plan, dict[ServicePortKey, R.PortRender], Counter[str],
-                          Counter[str], R.FamilyConfig]] = []
+                          Counter[str], Slots, R.FamilyConfig]] = []
         for family in self.families:
             full = request.full or self.state[family].cfg is None
             existing = nft.list_names(family) if full else None
-            plan, programmed, refs, hairpin = self.plan(request, family, full=full,
-                                                        existing=existing)
-            plans.append((family, plan, programmed, refs, hairpin,
+            plan, programmed, refs, hairpin, slots = self.plan(request, family, full=full,
+                                                               existing=existing)
+            plans.append((family, plan, programmed, refs, hairpin, slots,
                           self.family_config(family, request.view)))
         lines: list[str] = []
-        for _, plan, _, _, _, _ in plans:
+        for _, plan, *_ in plans:
             lines += plan.lines()
         self.last_transaction = lines
         # Partial syncs go straight to the kernel when every statement has a shape the
@@ -259,12 +307,13 @@ class NftablesProxier(Backend):
             raise SyncError(f"nftables transaction failed: {exc}") from exc
         objects = 0
         counters: dict[str, int] = {}
-        for family, plan, programmed, refs, hairpin, cfg in plans:
+        for family, plan, programmed, refs, hairpin, slots, cfg in plans:
             state = self.state[family]
             state.cfg = cfg
             state.programmed = programmed
             state.cluster_ip_refs = refs
             state.hairpin_refs = hairpin
+            state.slots = slots
             state.stale_chains = set(plan.stale)
             objects += plan.objects
             counters[f"ipv{family}_service_ports"] = len(programmed)
@@ -292,7 +341,7 @@ class NftablesProxier(Backend):
         elements = []
         for element in render.elements:
             got = table.maps.get(element.map, {})
-            present = any(_key_text(k) == element.key for k in got)
+            present = any(_key_text(k, element.map) == element.key for k in got)
             elements.append({"map": element.map, "key": element.key, "value": element.value,
                              "present": present})
         return {
@@ -316,8 +365,9 @@ class NftablesProxier(Backend):
             cfg = self.family_config(family, view)
             want_chains: set[str] = set()
             want_elements: dict[str, set[str]] = {}
+            slots = self.state[family].slots.fork()
             for port in [p for k, p in view.services.items() if k.family == family]:
-                render = self.render(port, cfg)
+                render = self.render(port, cfg, slots)
                 want_chains.update(render.chains)
                 for element in render.elements:
                     want_elements.setdefault(element.map, set()).add(element.key)
@@ -325,8 +375,9 @@ class NftablesProxier(Backend):
             fam = R.nft_family(family)
             problems += [f"{fam}: missing chain {c}" for c in sorted(want_chains - have_chains)]
             problems += [f"{fam}: stale chain {c}" for c in sorted(have_chains - want_chains)]
-            for name in R.SERVICE_MAPS:
-                have = {_key_text(k) for k in table.maps.get(name, {})}
+            address_maps = {m for m in [*table.maps, *want_elements] if R.is_address_map(m)}
+            for name in [*R.SERVICE_MAPS, *sorted(address_maps)]:
+                have = {_key_text(k, name) for k in table.maps.get(name, {})}
                 want = want_elements.get(name, set())
                 problems += [f"{fam}: missing element {k} in {name}" for k in sorted(want - have)]
                 problems += [f"{fam}: stale element {k} in {name}" for k in sorted(have - want)]
@@ -365,7 +416,10 @@ def _count(plan: Plan, refs: Counter[str], old: Sequence[str], new: Sequence[str
 # --------------------------------------------------------------------------------------------
 
 
-def _key_text(key: tuple[Any, ...]) -> str:
+def _key_text(key: tuple[Any, ...], map_name: str = "") -> str:
+    """A key read back from ``map_name`` as the renderer spells it."""
+    if R.is_address_map(map_name):
+        return f"{key[0]}-{key[-1]}"  # nft prints a one-value range as the value
     return " . ".join(str(part) for part in key)
 
 

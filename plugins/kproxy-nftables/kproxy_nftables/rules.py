@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
 
@@ -62,10 +62,18 @@ LOCAL_ENDPOINTS_MAP_PREFIX = "local-endpoints-"
 #: Key type of the endpoint verdict maps of ClientIP-affinity ports (nft prints it back the
 #: same way).
 ENDPOINTS_MAP_TYPE = "typeof numgen random mod 2 : verdict"
-#: The modulus of the ``numgen`` choosing an endpoint through an endpoint address map: the
-#: largest nf_tables accepts, so that the endpoint count never appears in the rule (see
-#: `endpoint_ranges`).
-NUMGEN_MODULUS = 0xFFFFFFFF
+#: Endpoint address maps, one per protocol (``endpoint-addrs-tcp``; more maps, suffixed
+#: ``-1``, ``-2``…, once a map's numgen blocks run out): numgen value range -> the DNAT
+#: address . port. Each service/local chain owns a block of `SLOT_VALUES` numgen values.
+ADDRESS_MAP_PREFIX = "endpoint-addrs-"
+PROTOCOLS = ("tcp", "udp", "sctp")
+#: Numgen values per chain (``numgen random mod SLOT_VALUES offset …``): the endpoint count
+#: never appears in the rule; N endpoints split the block into ranges whose sizes differ by
+#: at most one value, a bias below N / 262,144.
+SLOT_VALUES = 1 << 18
+#: Blocks per address map (keys are 32-bit; the last block is left out so that every
+#: range's end + 1 still fits, as nft's interval encoding needs).
+SLOTS_PER_MAP = (1 << 32) // SLOT_VALUES - 1
 #: Set of ``endpoint . endpoint`` address pairs: a connection DNATed back to its own source
 #: (hairpin) is masqueraded from ``masquerading`` (see `render_port`).
 HAIRPIN_SET = "hairpin-endpoints"
@@ -143,13 +151,27 @@ def endpoint_map_type(family: int, protocol: str) -> str:
     return f"typeof numgen random mod 2 : {ipx} daddr . {protocol.lower()} dport ; flags interval"
 
 
-def endpoint_ranges(count: int) -> list[tuple[int, int]]:
-    """``count`` contiguous ranges splitting numgen's values ``0 … NUMGEN_MODULUS - 1``;
-    their sizes differ by at most one value in ~4·10⁹/count, so the choice is uniform."""
-    if count < 1:
-        raise ValueError(f"an endpoint map needs at least one endpoint, not {count}")
-    bounds = [i * NUMGEN_MODULUS // count for i in range(count + 1)]
+def address_map(protocol: str, slot: int) -> str:
+    """The address map holding numgen block ``slot`` for ``protocol``."""
+    index = slot // SLOTS_PER_MAP
+    return f"{ADDRESS_MAP_PREFIX}{protocol.lower()}" + (f"-{index}" if index else "")
+
+
+def slot_offset(slot: int) -> int:
+    return slot % SLOTS_PER_MAP * SLOT_VALUES
+
+
+def endpoint_ranges(count: int, offset: int = 0) -> list[tuple[int, int]]:
+    """``count`` contiguous ranges splitting the block ``offset … offset + SLOT_VALUES - 1``;
+    their sizes differ by at most one value."""
+    if not 1 <= count <= SLOT_VALUES:
+        raise ValueError(f"an endpoint map needs 1 to {SLOT_VALUES} endpoints, not {count}")
+    bounds = [offset + i * SLOT_VALUES // count for i in range(count + 1)]
     return [(bounds[i], bounds[i + 1] - 1) for i in range(count)]
+
+
+def is_address_map(name: str) -> bool:
+    return name.startswith(ADDRESS_MAP_PREFIX)
 
 
 def hairpin_key(ip: str) -> str:
@@ -219,10 +241,12 @@ class Element:
     value: str
     comment: str = ""
 
-    def text(self, family: int) -> str:
+    def item(self) -> str:
         comment = f' comment "{self.comment}"' if self.comment else ""
-        return (f"{nft_family(family)} {TABLE} {self.map} "
-                f"{{ {self.key}{comment} : {self.value} }}")
+        return f"{self.key}{comment} : {self.value}"
+
+    def text(self, family: int) -> str:
+        return f"{nft_family(family)} {TABLE} {self.map} {{ {self.item()} }}"
 
 
 @attrs.frozen
@@ -236,13 +260,13 @@ class PortRender:
     elements: tuple[Element, ...]
     #: The ClusterIP (element of ``cluster-ips``), "" if none.
     cluster_ip: str
-    #: Endpoint map name -> {key: value} as nft writes them: ``"0-2147483646" ->
-    #: "10.180.0.1 . 8080"`` (address maps), ``"0" -> "goto endpoint-…"`` (affinity).
+    #: Endpoint verdict map (ClientIP affinity) name -> {index: verdict}
+    #: (``"0" -> "goto endpoint-…"``).
     maps: Mapping[str, Mapping[str, str]] = attrs.field(factory=dict)
-    #: Endpoint map name -> its declaration (`endpoint_map_type` or `ENDPOINTS_MAP_TYPE`).
-    map_types: Mapping[str, str] = attrs.field(factory=dict)
     #: Endpoint IPs reached through address maps (elements of `HAIRPIN_SET`).
     hairpin: tuple[str, ...] = ()
+    #: Chain -> the numgen block it owns in the address maps.
+    slots: Mapping[str, int] = attrs.field(factory=dict)
 
     @property
     def element_keys(self) -> dict[tuple[str, str], Element]:
@@ -256,8 +280,13 @@ def _unique(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
     return list(dict.fromkeys(endpoints))
 
 
-def render_port(port: ResolvedServicePort, cfg: FamilyConfig) -> PortRender:
-    """Upstream's per-service-port part of ``syncProxyRules`` for one resolved port."""
+def render_port(port: ResolvedServicePort, cfg: FamilyConfig,
+                slot: Callable[[str], int] | None = None) -> PortRender:
+    """Upstream's per-service-port part of ``syncProxyRules`` for one resolved port;
+    ``slot(chain)`` gives the numgen block a service/local chain owns (kept by the caller
+    so that it stays the same from sync to sync; numbered from 0 when omitted)."""
+    if slot is None:
+        slot = _counting_slots()
     ipx = cfg.ipx
     name = port.name
     proto = port.protocol.lower()
@@ -380,20 +409,22 @@ def render_port(port: ResolvedServicePort, cfg: FamilyConfig) -> PortRender:
             affinity_sets[ep_affinity[ep]] = affinity
 
     # Upstream writes ``numgen random mod N vmap { 0 : goto endpoint-…, … }`` (an anonymous
-    # verdict map) and one chain per endpoint (hairpin mark, ``dnat to``). Two kernel costs
-    # make that slow at scale: binding each anonymous set walks the whole transaction
-    # (``__nft_set_trans_bind``: quadratic full syncs), and any rule with a jump/goto/dnat
-    # or verdict element added makes nf_tables re-validate every chain reachable from the
-    # base chains at commit (~0.3 s at 10,000 services) -- which an endpoint change always
-    # did. So the endpoint is chosen by a named map per service/local chain from a numgen
-    # value range straight to the DNAT address (``dnat … to numgen random mod 2^32-1 map
-    # @endpoints-…``): the rule never names the endpoint count, and adding, removing or
-    # replacing an endpoint only changes elements of address maps, which needs no
-    # validation. The hairpin masquerade moves to `HAIRPIN_SET`. ClientIP affinity keeps
-    # upstream's endpoint chains (the affinity set is updated there), with a named verdict
-    # map instead of the anonymous one.
+    # verdict map) and one chain per endpoint (hairpin mark, ``dnat to``). Three kernel
+    # costs make that slow at scale: binding each anonymous set walks the whole transaction
+    # (``__nft_set_trans_bind``: quadratic full syncs); sets are found by a linear walk of
+    # the table's set list (``nft_set_lookup``), so one named map per service is quadratic
+    # too; and any rule with a jump/goto/dnat or verdict element added makes nf_tables
+    # re-validate every chain reachable from the base chains at commit (~0.3 s at 10,000
+    # services), which an endpoint change always did. So the endpoint is chosen from a
+    # numgen value straight to the DNAT address in one shared interval map per protocol
+    # (``dnat ip addr . port to numgen random mod 262144 offset O map @endpoint-addrs-tcp``,
+    # each chain owning the block O … O + 262143): the rule never names the endpoint
+    # count, and adding, removing or replacing an endpoint only changes map elements with
+    # no verdict, which needs no validation. The hairpin masquerade moves to `HAIRPIN_SET`.
+    # ClientIP affinity keeps upstream's endpoint chains (the affinity set is updated
+    # there), with a named verdict map per chain instead of the anonymous one.
     maps: dict[str, dict[str, str]] = {}
-    map_types: dict[str, str] = {}
+    slots: dict[str, int] = {}
     hairpin: dict[str, None] = {}
     for chain, eps, prefix in ((cluster_chain, cluster_eps, ENDPOINTS_MAP_PREFIX),
                                (local_chain, local_eps, LOCAL_ENDPOINTS_MAP_PREFIX)):
@@ -405,15 +436,16 @@ def render_port(port: ResolvedServicePort, cfg: FamilyConfig) -> PortRender:
             for ep in eps:
                 rules.append(f"{ipx} saddr @{ep_affinity[ep]} goto {ep_chain[ep]}")
             maps[map_name] = {str(i): f"goto {ep_chain[ep]}" for i, ep in enumerate(eps)}
-            map_types[map_name] = ENDPOINTS_MAP_TYPE
             rules.append(f"numgen random mod {len(eps)} vmap @{map_name}")
             continue
-        maps[map_name] = {f"{start}-{end}": f"{ep.ip} . {ep.port}"
-                          for (start, end), ep in zip(endpoint_ranges(len(eps)), eps,
-                                                      strict=True)}
-        map_types[map_name] = endpoint_map_type(cfg.family, proto)
+        owned = slots[chain] = slot(chain)
+        addresses = address_map(proto, owned)
+        offset = slot_offset(owned)
+        elements.extend(Element(addresses, f"{start}-{end}", f"{ep.ip} . {ep.port}")
+                        for (start, end), ep in zip(endpoint_ranges(len(eps), offset), eps,
+                                                    strict=True))
         rules.append(f"meta l4proto {proto} dnat {ipx} addr . port to numgen random mod "
-                     f"{NUMGEN_MODULUS} map @{map_name}")
+                     f"{SLOT_VALUES} offset {offset} map @{addresses}")
         hairpin.update((ep.ip, None) for ep in eps)
 
     for ep in endpoints if affinity is not None else ():
@@ -429,9 +461,14 @@ def render_port(port: ResolvedServicePort, cfg: FamilyConfig) -> PortRender:
         elements=tuple(elements),
         cluster_ip=port.cluster_ip,
         maps=maps,
-        map_types=map_types,
         hairpin=tuple(hairpin),
+        slots=slots,
     )
+
+
+def _counting_slots() -> Callable[[str], int]:
+    given: dict[str, int] = {}
+    return lambda chain: given.setdefault(chain, len(given))
 
 
 def _contains(cidr: str, ip: str) -> bool:
@@ -485,6 +522,8 @@ def setup_lines(cfg: FamilyConfig) -> list[str]:
         f'comment "NodePort traffic" ; }}',
         f"add set {fam} {HAIRPIN_SET} {{ type {addr} . {addr} ; "
         f'comment "endpoint . endpoint: hairpin connections to masquerade" ; }}',
+        *(f"add map {fam} {address_map(proto, 0)} {{ {endpoint_map_type(cfg.family, proto)} "
+          "; }" for proto in PROTOCOLS),
     ]
     for target, source, match in JUMP_CHAINS:
         ensure(target)

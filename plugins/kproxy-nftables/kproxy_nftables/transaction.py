@@ -16,12 +16,14 @@ and a set only once the rules using it are flushed. Every builder emits in this 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
 from kproxy_nftables.rules import (
+    ADDRESS_MAP_PREFIX,
     CLUSTER_IPS_SET,
+    ENDPOINTS_MAP_TYPE,
     HAIRPIN_SET,
     SERVICE_MAPS,
     TABLE,
@@ -29,7 +31,9 @@ from kproxy_nftables.rules import (
     FamilyConfig,
     PortRender,
     _addr_type,
+    endpoint_map_type,
     hairpin_key,
+    is_address_map,
     is_endpoints_map,
     nft_family,
     nodeport_ips_lines,
@@ -96,10 +100,9 @@ class Plan:
     def delete_set(self, name: str) -> None:
         self.delete_sets.append(f"delete set {self.table} {name}")
 
-    def add_map(self, name: str, declaration: str, elements: Mapping[str, str]) -> None:
-        """Declare endpoint map ``name`` (``declaration``: its type and flags) and add its
-        elements."""
-        self.add_sets.append(f"add map {self.table} {name} {{ {declaration} ; }}")
+    def add_map(self, name: str, elements: Mapping[str, str]) -> None:
+        """Declare endpoint verdict map ``name`` and add its elements."""
+        self.add_sets.append(f"add map {self.table} {name} {{ {ENDPOINTS_MAP_TYPE} ; }}")
         if elements:
             body = ", ".join(f"{key} : {value}" for key, value in elements.items())
             self.add_elements.append(f"add element {self.table} {name} {{ {body} }}")
@@ -118,6 +121,12 @@ class Plan:
             body = ", ".join(f"{key} : {value}" for key, value in added)
             self.add_elements.append(f"add element {self.table} {name} {{ {body} }}")
 
+    def declare_address_map(self, name: str) -> None:
+        """``add map`` of an address map (a no-op when it exists)."""
+        protocol = name.removeprefix(ADDRESS_MAP_PREFIX).split("-")[0]
+        self.add_sets.append(f"add map {self.table} {name} "
+                             f"{{ {endpoint_map_type(self.family, protocol)} ; }}")
+
     def hairpin(self, ip: str, *, add: bool) -> None:
         element = f"{{ {hairpin_key(ip)} }}"
         if add:
@@ -127,6 +136,13 @@ class Plan:
 
     def add_element(self, element: Element) -> None:
         self.add_elements.append(f"add element {element.text(self.family)}")
+
+    def add_elements_of(self, elements: Sequence[Element]) -> None:
+        """One ``add element`` statement for ``elements`` (all of one map)."""
+        if not elements:
+            return
+        body = ", ".join(e.item() for e in elements)
+        self.add_elements.append(f"add element {self.table} {elements[0].map} {{ {body} }}")
 
     def delete_element(self, element: Element) -> None:
         self.delete_elements.append(
@@ -160,7 +176,7 @@ def full_plan(
     sets = dict(existing_sets or {})
     active_chains: set[str] = set()
     active_sets: dict[str, int] = {}
-    active_maps: dict[str, tuple[str, Mapping[str, str]]] = {}
+    active_maps: dict[str, Mapping[str, str]] = {}
     elements: dict[tuple[str, str], Element] = {}
     cluster_ips: dict[str, None] = {}
     hairpin: dict[str, None] = {}
@@ -175,7 +191,7 @@ def full_plan(
                 plan.flush_chains.append(f"flush chain {plan.table} {name}")
         active_sets.update(render.affinity_sets)
         for name, content in render.maps.items():
-            active_maps.setdefault(name, (render.map_types[name], content))
+            active_maps.setdefault(name, content)
         for element in render.elements:
             elements.setdefault((element.map, element.key), element)
         if render.cluster_ip:
@@ -183,12 +199,14 @@ def full_plan(
         hairpin.update(dict.fromkeys(render.hairpin))
     for name in sorted(existing - active_chains):
         plan.drop_chain(name)
+    address_maps = {e.map for e in elements.values() if is_address_map(e.map)}
     for name, timeout in sorted(sets.items()):
-        if is_endpoints_map(name):
-            # Deleted even when still wanted: its type may differ (address map or, with
-            # affinity, verdict map), and re-adding interval elements to a flushed map
-            # would make nft compare them with the old ones. Every rule naming it sits in
-            # a service chain flushed above.
+        if is_address_map(name):
+            plan.setup.append(f"flush map {plan.table} {name}")
+        elif is_endpoints_map(name):
+            # Deleted even when still wanted: an earlier version may have left a map of
+            # another type under this name. Every rule naming it sits in a service chain
+            # flushed above.
             plan.delete_map(name)
         elif name not in active_sets:
             plan.delete_set(name)
@@ -196,10 +214,16 @@ def full_plan(
             plan.delete_set(name)
     for name, timeout in active_sets.items():
         plan.add_set(name, timeout)
-    for name, (declaration, content) in active_maps.items():
-        plan.add_map(name, declaration, content)
+    for name in sorted(address_maps - sets.keys()):
+        plan.declare_address_map(name)
+    for name, content in active_maps.items():
+        plan.add_map(name, content)
+    # One statement per map: nft's cost per statement dominates for small ones.
+    by_map: dict[str, list[Element]] = {}
     for element in elements.values():
-        plan.add_element(element)
+        by_map.setdefault(element.map, []).append(element)
+    for group in by_map.values():
+        plan.add_elements_of(group)
     for ip in cluster_ips:
         plan.cluster_ip(ip, add=True)
     for ip in hairpin:
@@ -230,16 +254,18 @@ def diff_plan(plan: Plan, old: PortRender, new: PortRender) -> None:
     for key, element in new_elements.items():
         if old_elements.get(key) != element:
             plan.add_element(element)
-    replaced = {name for name in old.maps.keys() & new.maps.keys()
-                if old.map_types[name] != new.map_types[name]}
     for name, content in old.maps.items():
-        if name not in new.maps or name in replaced:
+        if name not in new.maps:
             plan.delete_map(name)
         else:
             plan.update_map(name, content, new.maps[name])
     for name, content in new.maps.items():
-        if name not in old.maps or name in replaced:
-            plan.add_map(name, new.map_types[name], content)
+        if name not in old.maps:
+            plan.add_map(name, content)
+    old_maps = {e.map for e in old.elements}
+    for name in sorted({e.map for e in new.elements} - old_maps):
+        if is_address_map(name) and not name.endswith(("-tcp", "-udp", "-sctp")):
+            plan.declare_address_map(name)  # an overflow map (setup declares the first)
     for name in old.affinity_sets:
         if name not in new.affinity_sets or name in changed_sets:
             plan.delete_set(name)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from kproxy_nftables import rules as R
+from kproxy_nftables.proxier import endpoints_of
 from nft_helpers import ep, key, svc
 from nft_host import ProxierHost
 
@@ -154,7 +155,9 @@ def test_partial_sync_touches_only_changed_objects(env: Env) -> None:
                 endpoints=[ep(REMOTE, 8080)])
     env.sync(*BASE, extra)
     sent = env.host.call("last_transaction")
-    assert sent and all("extra" in line or "10.96.0.20" in line for line in sent), sent
+    assert sent and all("extra" in line or "10.96.0.20" in line
+                        or (line.startswith(f"add element ip {R.TABLE} endpoint-addrs-tcp {{ ")
+                        and line.endswith(f" : {REMOTE} . 8080 }}")) for line in sent), sent
     assert _handles(env, hair) == before  # not flushed: same rules, same handles
     assert env.ask(env.pod(LOCAL_B), "10.96.0.20", 80) == [f"pod-2-2 {LOCAL_B}"]
     env.sync(*BASE)
@@ -175,8 +178,8 @@ def test_endpoint_removal_converges(env: Env) -> None:
         replies = env.ask(env.pod(LOCAL_B), "10.96.0.10", 80, count=6)
         assert {r.split()[0] for r in replies} == {"pod-1-2"}, replies
         table = env.host.call("table", 4)
-        endpoints = table.maps[R.ENDPOINTS_MAP_PREFIX + R.chain_name_base(WEB.name)]
-        assert list(endpoints.values()) == [{"concat": [LOCAL_A, 8080]}]
+        chain = R.SERVICE_PREFIX + R.chain_name_base(WEB.name)
+        assert endpoints_of(table, chain) == {f"{LOCAL_A}:8080"}
         # Other services still reach REMOTE: its hairpin element stays.
         assert {"concat": [REMOTE, REMOTE]} in table.sets[R.HAIRPIN_SET]
     finally:
