@@ -62,18 +62,20 @@ LOCAL_ENDPOINTS_MAP_PREFIX = "local-endpoints-"
 #: Key type of the endpoint verdict maps of ClientIP-affinity ports (nft prints it back the
 #: same way).
 ENDPOINTS_MAP_TYPE = "typeof numgen random mod 2 : verdict"
-#: Endpoint address maps, one per protocol (``endpoint-addrs-tcp``; more maps, suffixed
-#: ``-1``, ``-2``…, once a map's numgen blocks run out): numgen value range -> the DNAT
-#: address . port. Each service/local chain owns a block of `SLOT_VALUES` numgen values.
+#: Endpoint address maps (``endpoint-addrs-tcp-0``, ``-1``, … per protocol): numgen value
+#: range -> the DNAT address . port. Each service/local chain owns a block of
+#: `SLOT_VALUES` numgen values in one of them.
 ADDRESS_MAP_PREFIX = "endpoint-addrs-"
-PROTOCOLS = ("tcp", "udp", "sctp")
 #: Numgen values per chain (``numgen random mod SLOT_VALUES offset …``): the endpoint count
 #: never appears in the rule; N endpoints split the block into ranges whose sizes differ by
-#: at most one value, a bias below N / 262,144.
-SLOT_VALUES = 1 << 18
-#: Blocks per address map (keys are 32-bit; the last block is left out so that every
-#: range's end + 1 still fits, as nft's interval encoding needs).
-SLOTS_PER_MAP = (1 << 32) // SLOT_VALUES - 1
+#: at most one value, a bias below N / 16,777,216.
+SLOT_VALUES = 1 << 24
+#: Chains per address map. The kernel walks a map's elements for every rule it binds and
+#: its bindings for every element added, and finds a set by a linear walk of the table's
+#: sets: maps of ~128 chains keep all three small (one map per chain, or one for all,
+#: made 10,000-service full syncs quadratic). 128 blocks use half of the 32-bit keys, so
+#: every range's end + 1 (nft's interval encoding) still fits.
+SLOTS_PER_MAP = 128
 #: Set of ``endpoint . endpoint`` address pairs: a connection DNATed back to its own source
 #: (hairpin) is masqueraded from ``masquerading`` (see `render_port`).
 HAIRPIN_SET = "hairpin-endpoints"
@@ -153,8 +155,7 @@ def endpoint_map_type(family: int, protocol: str) -> str:
 
 def address_map(protocol: str, slot: int) -> str:
     """The address map holding numgen block ``slot`` for ``protocol``."""
-    index = slot // SLOTS_PER_MAP
-    return f"{ADDRESS_MAP_PREFIX}{protocol.lower()}" + (f"-{index}" if index else "")
+    return f"{ADDRESS_MAP_PREFIX}{protocol.lower()}-{slot // SLOTS_PER_MAP}"
 
 
 def slot_offset(slot: int) -> int:
@@ -522,8 +523,6 @@ def setup_lines(cfg: FamilyConfig) -> list[str]:
         f'comment "NodePort traffic" ; }}',
         f"add set {fam} {HAIRPIN_SET} {{ type {addr} . {addr} ; "
         f'comment "endpoint . endpoint: hairpin connections to masquerade" ; }}',
-        *(f"add map {fam} {address_map(proto, 0)} {{ {endpoint_map_type(cfg.family, proto)} "
-          "; }" for proto in PROTOCOLS),
     ]
     for target, source, match in JUMP_CHAINS:
         ensure(target)

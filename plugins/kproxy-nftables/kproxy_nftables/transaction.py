@@ -264,8 +264,8 @@ def diff_plan(plan: Plan, old: PortRender, new: PortRender) -> None:
             plan.add_map(name, content)
     old_maps = {e.map for e in old.elements}
     for name in sorted({e.map for e in new.elements} - old_maps):
-        if is_address_map(name) and not name.endswith(("-tcp", "-udp", "-sctp")):
-            plan.declare_address_map(name)  # an overflow map (setup declares the first)
+        if is_address_map(name):
+            plan.declare_address_map(name)  # a no-op unless this port is its first user
     for name in old.affinity_sets:
         if name not in new.affinity_sets or name in changed_sets:
             plan.delete_set(name)

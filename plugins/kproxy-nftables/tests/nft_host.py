@@ -23,6 +23,10 @@ def _last_transaction(backend: Backend, _args: Any) -> list[str]:
     return list(backend.last_transaction)  # type: ignore[attr-defined]
 
 
+def _last_writer(backend: Backend, _args: Any) -> str:
+    return str(backend.last_writer)  # type: ignore[attr-defined]
+
+
 def _table(_backend: Backend, args: Any) -> Any:
     from kproxy_nftables import nft
 
@@ -41,6 +45,7 @@ class ProxierHost(BackendHost):
 
         super().__init__(netns, make, ops={
             "last_transaction": _last_transaction,
+            "last_writer": _last_writer,
             "dataplane": lambda _backend, _: read_dataplane(families),
             "table": _table,
             "cleanup": _cleanup,

@@ -45,14 +45,14 @@ def test_hot_path_shapes_encode() -> None:
         "dport ; flags interval ; }",
         "add map ip6 kube-proxy endpoint-addrs-udp-2 { typeof numgen random mod 2 : ip6 daddr "
         ". udp dport ; flags interval ; }",
-        f"add element {T} endpoint-addrs-tcp {{ 0-9 : 10.0.0.1 . 80, "
+        f"add element {T} endpoint-addrs-tcp-0 {{ 0-9 : 10.0.0.1 . 80, "
         "10-4294967294 : 10.0.0.2 . 8080 }",
-        "add element ip6 kube-proxy endpoint-addrs-udp { 0-4294967294 : fd00::1 . 53 }",
-        f"delete element {T} endpoint-addrs-tcp {{ 0-9, 10-4294967294 }}",
+        "add element ip6 kube-proxy endpoint-addrs-udp-0 { 0-4294967294 : fd00::1 . 53 }",
+        f"delete element {T} endpoint-addrs-tcp-0 {{ 0-9, 10-4294967294 }}",
         f"add rule {T} {CHAIN} meta l4proto sctp dnat ip addr . port to numgen random mod "
-        "262144 offset 0 map @endpoint-addrs-sctp",
+        "16777216 offset 0 map @endpoint-addrs-sctp-0",
         "add rule ip6 kube-proxy x meta l4proto udp dnat ip6 addr . port to numgen random mod "
-        "262144 offset 524288 map @endpoint-addrs-udp-1",
+        "16777216 offset 33554432 map @endpoint-addrs-udp-1",
         f"add element {T} hairpin-endpoints {{ 10.0.0.1 . 10.0.0.1, 10.0.0.2 . 10.0.0.2 }}",
         "delete element ip6 kube-proxy hairpin-endpoints { fd00::1 . fd00::1 }",
     ]
@@ -68,13 +68,13 @@ def test_hot_path_shapes_encode() -> None:
     f"add rule {T} x ip6 saddr 10.0.0.1 jump y",  # family mismatch
     f"flush set {T} nodeport-ips",
     f"add element {T} service-ips {{ tcp . 80 : goto x }}",  # wrong key for the map
-    f"add map {T} endpoint-addrs-tcp {{ typeof numgen random mod 2 : ip daddr . th dport ; "
+    f"add map {T} endpoint-addrs-tcp-0 {{ typeof numgen random mod 2 : ip daddr . th dport ; "
     "flags interval ; }",
     f"add map {T} service-ips {{ typeof numgen random mod 2 : ip daddr . tcp dport ; "
     "flags interval ; }",
-    f"add element {T} endpoint-addrs-tcp {{ 0-4294967295 : 10.0.0.1 . 80 }}",  # end too far
-    f"add element {T} endpoint-addrs-tcp {{ 0-9 : 10.0.0.1 . 70000 }}",
-    f"add element {T} endpoint-addrs-tcp {{ 7 : 10.0.0.1 . 80 }}",
+    f"add element {T} endpoint-addrs-tcp-0 {{ 0-4294967295 : 10.0.0.1 . 80 }}",  # end too far
+    f"add element {T} endpoint-addrs-tcp-0 {{ 0-9 : 10.0.0.1 . 70000 }}",
+    f"add element {T} endpoint-addrs-tcp-0 {{ 7 : 10.0.0.1 . 80 }}",
     f"add rule {T} x meta l4proto tcp dnat ip6 addr . port to numgen random mod 9 offset 0 "
     "map @m",
     "add chain ip other-table x",

@@ -78,40 +78,40 @@ def test_cluster_ip_golden() -> None:
     assert dict(render.chains) == {
         WEB_CHAIN: ("ip daddr 172.30.0.41 tcp dport 80 ip saddr != 10.0.0.0/8 "
                     "jump mark-for-masquerade",
-                    "meta l4proto tcp dnat ip addr . port to numgen random mod 262144 offset 0 "
-                    "map @endpoint-addrs-tcp"),
+                    "meta l4proto tcp dnat ip addr . port to numgen random mod 16777216 offset 0 "
+                    "map @endpoint-addrs-tcp-0"),
     }
     assert render.maps == {}
     assert render.slots == {WEB_CHAIN: 0}
     assert render.hairpin == ("10.180.0.1",)
     assert [e.text(4) for e in render.elements] == [
         f"ip kube-proxy service-ips {{ 172.30.0.41 . tcp . 80 : goto {WEB_CHAIN} }}",
-        "ip kube-proxy endpoint-addrs-tcp { 0-262143 : 10.180.0.1 . 80 }"]
+        "ip kube-proxy endpoint-addrs-tcp-0 { 0-16777215 : 10.180.0.1 . 80 }"]
     assert render.cluster_ip == "172.30.0.41"
     # Another numgen block: another offset, and past the first map's blocks another map.
     later = R.render_port(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")]), cfg,
                           lambda chain: R.SLOTS_PER_MAP + 2)
     assert later.chains[WEB_CHAIN][-1].endswith(
-        "mod 262144 offset 524288 map @endpoint-addrs-tcp-1")
+        "mod 16777216 offset 33554432 map @endpoint-addrs-tcp-1")
     assert later.elements[-1].text(4) == (
-        "ip kube-proxy endpoint-addrs-tcp-1 { 524288-786431 : 10.180.0.1 . 80 }")
+        "ip kube-proxy endpoint-addrs-tcp-1 { 33554432-50331647 : 10.180.0.1 . 80 }")
 
 
 def test_endpoint_ranges_split_numgen_values_evenly() -> None:
-    assert R.endpoint_ranges(1) == [(0, 262143)]
-    assert R.endpoint_ranges(3, 262144) == [(262144, 349524), (349525, 436905),
-                                            (436906, 524287)]
+    assert R.endpoint_ranges(1) == [(0, 16777215)]
+    assert R.endpoint_ranges(3, 16777216) == [(16777216, 22369620), (22369621, 27962025),
+                                              (27962026, 33554431)]
     for count in (2, 5, 7, 1000, R.SLOT_VALUES):
         ranges = R.endpoint_ranges(count, 2 * R.SLOT_VALUES)
         assert ranges[0][0] == 2 * R.SLOT_VALUES and ranges[-1][1] == 3 * R.SLOT_VALUES - 1
         assert all(a[1] + 1 == b[0] for a, b in itertools.pairwise(ranges))
         sizes = {end - start + 1 for start, end in ranges}
         assert max(sizes) - min(sizes) <= 1
-    with pytest.raises(ValueError, match="1 to 262144 endpoints"):
+    with pytest.raises(ValueError, match="1 to 16777216 endpoints"):
         R.endpoint_ranges(0)
     # Every block of a map fits below 2^32 with room for the end of its last range.
     assert R.slot_offset(R.SLOTS_PER_MAP - 1) + R.SLOT_VALUES < 1 << 32
-    assert R.address_map("UDP", R.SLOTS_PER_MAP - 1) == "endpoint-addrs-udp"
+    assert R.address_map("UDP", R.SLOTS_PER_MAP - 1) == "endpoint-addrs-udp-0"
     assert R.address_map("udp", R.SLOTS_PER_MAP) == "endpoint-addrs-udp-1"
 
 
@@ -150,16 +150,16 @@ def test_external_traffic_policy_local_golden() -> None:
     assert render.chains[f"firewall-{base}"] == (
         "ip saddr != { 192.168.0.0/24, 1.2.3.4 } drop",)
     assert render.chains[f"local-{base}"][-1] == (
-        "meta l4proto tcp dnat ip addr . port to numgen random mod 262144 offset 262144 "
-        "map @endpoint-addrs-tcp")
+        "meta l4proto tcp dnat ip addr . port to numgen random mod 16777216 offset 16777216 "
+        "map @endpoint-addrs-tcp-0")
     assert render.slots == {f"service-{base}": 0, f"local-{base}": 1}
     assert render.hairpin == ("10.180.0.2", "10.180.0.3")
-    assert [e.text(4) for e in render.elements if e.map == "endpoint-addrs-tcp"] == [
-        "ip kube-proxy endpoint-addrs-tcp { 0-131071 : 10.180.0.2 . 80 }",
-        "ip kube-proxy endpoint-addrs-tcp { 131072-262143 : 10.180.0.3 . 80 }",
-        "ip kube-proxy endpoint-addrs-tcp { 262144-524287 : 10.180.0.2 . 80 }",
+    assert [e.text(4) for e in render.elements if R.is_address_map(e.map)] == [
+        "ip kube-proxy endpoint-addrs-tcp-0 { 0-8388607 : 10.180.0.2 . 80 }",
+        "ip kube-proxy endpoint-addrs-tcp-0 { 8388608-16777215 : 10.180.0.3 . 80 }",
+        "ip kube-proxy endpoint-addrs-tcp-0 { 16777216-33554431 : 10.180.0.2 . 80 }",
     ]
-    assert [e.text(4) for e in render.elements if e.map != "endpoint-addrs-tcp"] == [
+    assert [e.text(4) for e in render.elements if not R.is_address_map(e.map)] == [
         f"ip kube-proxy service-ips {{ 172.30.0.42 . tcp . 80 : goto service-{base} }}",
         f"ip kube-proxy service-ips {{ 1.2.3.4 . tcp . 80 : goto external-{base} }}",
         f'ip kube-proxy firewall-ips {{ 1.2.3.4 . tcp . 80 comment "ns2/svc2:p80" '
@@ -205,12 +205,13 @@ def test_ipv6_names_and_dnat() -> None:
     chain = WEB_CHAIN.replace("ULMVA6XW", R.chain_name_base(k.name)[:8])
     assert render.chains[chain] == (
         "ip6 daddr fd00::41 tcp dport 80 jump mark-for-masquerade",
-        "meta l4proto tcp dnat ip6 addr . port to numgen random mod 262144 offset 0 "
-        "map @endpoint-addrs-tcp")
+        "meta l4proto tcp dnat ip6 addr . port to numgen random mod 16777216 offset 0 "
+        "map @endpoint-addrs-tcp-0")
     assert render.elements[-1].text(6) == (
-        "ip6 kube-proxy endpoint-addrs-tcp { 0-262143 : fd00:10::1 . 80 }")
-    assert ("add map ip6 kube-proxy endpoint-addrs-tcp { typeof numgen random mod 2 : "
-            "ip6 daddr . tcp dport ; flags interval ; }") in R.setup_lines(R.FamilyConfig(6))
+        "ip6 kube-proxy endpoint-addrs-tcp-0 { 0-16777215 : fd00:10::1 . 80 }")
+    assert ("add map ip6 kube-proxy endpoint-addrs-tcp-0 { typeof numgen random mod 2 : "
+            "ip6 daddr . tcp dport ; flags interval ; }") in full_plan(
+                R.FamilyConfig(6), [render]).lines()
     with_affinity = R.render_port(svc(k, "fd00::41", endpoints=[ep("fd00:10::1")],
                                       session_affinity_timeout=60), R.FamilyConfig(6))
     ep_chain = next(c for c in with_affinity.chains if c.startswith("endpoint-"))
@@ -265,21 +266,21 @@ def test_endpoint_changes_are_map_elements_only(recorder: Recorder) -> None:
     d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")]), other, full=True)
     assert "add element ip kube-proxy hairpin-endpoints { 10.180.0.1 . 10.180.0.1 }" in (
         recorder.transactions[-1])
-    eps = "ip kube-proxy endpoint-addrs-tcp"
+    eps = "ip kube-proxy endpoint-addrs-tcp-0"
     d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1"), ep("10.180.0.2")]), other)
     assert recorder.transactions[-1] == [
-        f"delete element {eps} {{ 0-262143 }}",
-        f"add element {eps} {{ 0-131071 : 10.180.0.1 . 80 }}",
-        f"add element {eps} {{ 131072-262143 : 10.180.0.2 . 80 }}",
+        f"delete element {eps} {{ 0-16777215 }}",
+        f"add element {eps} {{ 0-8388607 : 10.180.0.1 . 80 }}",
+        f"add element {eps} {{ 8388608-16777215 : 10.180.0.2 . 80 }}",
         "add element ip kube-proxy hairpin-endpoints { 10.180.0.2 . 10.180.0.2 }",
     ]
     # Replacing an endpoint swaps one element; the shared hairpin element of an endpoint
     # other ports still reach stays.
     d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1"), ep("10.180.0.7")]), other)
     assert recorder.transactions[-1] == [
-        f"delete element {eps} {{ 131072-262143 }}",
+        f"delete element {eps} {{ 8388608-16777215 }}",
         "delete element ip kube-proxy hairpin-endpoints { 10.180.0.2 . 10.180.0.2 }",
-        f"add element {eps} {{ 131072-262143 : 10.180.0.7 . 80 }}",
+        f"add element {eps} {{ 8388608-16777215 : 10.180.0.7 . 80 }}",
     ]
     d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")]), other)
     assert not any("hairpin" in line for line in recorder.transactions[-1])
@@ -292,13 +293,13 @@ def test_endpoint_changes_are_map_elements_only(recorder: Recorder) -> None:
     d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")],
                session_affinity_timeout=60))
     last = recorder.transactions[-1]
-    assert f"delete element {eps} {{ 0-262143 }}" in last
+    assert f"delete element {eps} {{ 0-16777215 }}" in last
     assert (f"add map ip kube-proxy endpoints-{WEB_BASE} {{ {R.ENDPOINTS_MAP_TYPE} ; }}"
             in last)
     assert "delete element ip kube-proxy hairpin-endpoints { 10.180.0.1 . 10.180.0.1 }" in last
     third = svc(key("ns3", "third"), "172.30.0.51", endpoints=[ep("10.180.0.8")])
     d.sync(third)
-    assert f"add element {eps} {{ 0-262143 : 10.180.0.8 . 80 }}" in recorder.transactions[-1]
+    assert f"add element {eps} {{ 0-16777215 : 10.180.0.8 . 80 }}" in recorder.transactions[-1]
 
 
 def test_partial_sync_with_affinity_touches_only_the_changed_port(recorder: Recorder) -> None:
