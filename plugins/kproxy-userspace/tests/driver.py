@@ -1,13 +1,15 @@
 """Runs a `UserspaceProxier` inside a network namespace for the real-traffic tests.
 
-Started as ``ip netns exec NODE python driver.py OPTIONS_JSON``; reads one JSON command per
-line on stdin and answers one JSON line on stdout:
+Started as ``ip netns exec NODE python driver.py OPTIONS_JSON`` (config paths, plus
+``node_ips`` and ``families``: the node's addresses and IP families, default IPv4 only);
+reads one JSON command per line on stdin and answers one JSON line on stdout:
 
 * ``{"op": "sync", "services": [...], "full": true}`` → ``{"ok": true, "result": {...}}``
 * ``{"op": "describe", "index": N}`` (N-th service of the last sync) → ``{"ok": true, ...}``
 * ``{"op": "quit"}``
 
-A service is a dict: ns, name, port_name, protocol, cluster_ip, port, node_port,
+A service is a dict (its IP family is its cluster_ip's): ns, name, port_name, protocol,
+cluster_ip, port, node_port,
 endpoints ([ip, port] pairs), external_endpoints (optional: external traffic then uses these,
 as with externalTrafficPolicy Local), affinity (seconds or null), external_ips, lb_ips,
 source_ranges.
@@ -28,6 +30,7 @@ from kproxy_core.model import (
     ResolvedServicePort,
     ServicePortKey,
     ServicePortName,
+    ip_family,
 )
 from kproxy_core.plugins import KproxyPluginManager
 
@@ -46,8 +49,10 @@ def endpoint(pair: list[Any]) -> Endpoint:
 
 
 def build(spec: dict[str, Any]) -> ResolvedServicePort:
-    key = ServicePortKey(4, ServicePortName(spec.get("ns", "default"), spec["name"],
-                                            spec.get("port_name", ""), spec.get("protocol", "TCP")))
+    family = ip_family(spec["cluster_ip"]) if spec.get("cluster_ip") else 4
+    key = ServicePortKey(family, ServicePortName(spec.get("ns", "default"), spec["name"],
+                                                 spec.get("port_name", ""),
+                                                 spec.get("protocol", "TCP")))
     cluster = tuple(endpoint(p) for p in spec.get("endpoints", []))
     external = spec.get("external_endpoints")
     local = tuple(endpoint(p) for p in external) if external is not None else ()
@@ -71,12 +76,14 @@ def build(spec: dict[str, Any]) -> ResolvedServicePort:
 def main() -> int:
     options = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     node_ips = tuple(options.pop("node_ips", ["10.99.0.1"]))
+    families = tuple(options.pop("families", [4]))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     from kproxy_userspace.proxier import UserspaceProxier
 
     context = BackendContext(config=DictConfig(options), node_name="node",
                              logger=logging.getLogger("userspace"),
-                             plugins=KproxyPluginManager(load_entrypoints=False), families=(4,))
+                             plugins=KproxyPluginManager(load_entrypoints=False),
+                             families=families)
     try:
         UserspaceProxier.check_supported(context)
         proxier = UserspaceProxier(context)

@@ -64,6 +64,17 @@ def echo(ns: NetNS, proto: str, host: str, port: int, *, count: int = 1,
     return proc.stdout.split("\n")[:-1]
 
 
+def udp_connected(ns: NetNS, host: str, port: int) -> str:
+    """A UDP request from a *connected* socket: the kernel drops replies from any other
+    source, so an answer proves it came back from the service address."""
+    code = ("import socket,sys; h=sys.argv[1]; "
+            "s=socket.socket(socket.AF_INET6 if ':' in h else socket.AF_INET, "
+            "socket.SOCK_DGRAM); s.settimeout(2); s.connect((h, int(sys.argv[2]))); "
+            "s.send(b'hi'); print(s.recv(100).decode().strip())")
+    proc = ns.run([sys.executable, "-c", code, host, str(port)], check=False)
+    return proc.stdout.strip() or proc.stderr.strip().splitlines()[-1]
+
+
 def pods_of(replies: list[str]) -> list[str]:
     return [line.split()[0] for line in replies]
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import HERE, Holder, ProxyDriver, echo, pods_of
+from helpers import HERE, Holder, ProxyDriver, echo, pods_of, udp_connected
 
-from kproxy_core.testing.netns import ClusterSandbox, NetNS, Pod
+from kproxy_core.testing.netns import ClusterSandbox, Pod
 
 pytestmark = pytest.mark.root
 
@@ -56,16 +56,6 @@ def service(sb: ClusterSandbox, *names: str, **extra: Any) -> dict[str, Any]:
                                 port=80, node_port=30080, endpoints=eps(sb, *names))
     spec.update(extra)
     return spec
-
-
-def udp_connected(ns: NetNS, host: str, port: int) -> str:
-    """A UDP request from a *connected* socket: the kernel drops replies from any other
-    source, so an answer proves it came back from the service address."""
-    code = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-            "s.settimeout(2); s.connect((sys.argv[1], int(sys.argv[2]))); s.send(b'hi'); "
-            "print(s.recv(100).decode().strip())")
-    proc = ns.run([sys.executable, "-c", code, host, str(port)], check=False)
-    return proc.stdout.strip() or proc.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("origin", ["pod", "node", "client"])
@@ -196,8 +186,9 @@ def test_connection_limit_resets_extra_clients(sandbox: ClusterSandbox,
     assert pods_of(echo(sandbox.client, "tcp", VIP, 80)) == ["pod-1-2"]
 
 
-@pytest.mark.parametrize("proxy", [{"userspace.relay": "splice"}, {"userspace.relay": "copy"}],
-                         indirect=True, ids=["splice", "copy"])
+@pytest.mark.parametrize("proxy", [{"userspace.relay": "auto"}, {"userspace.relay": "splice"},
+                                   {"userspace.relay": "copy"}],
+                         indirect=True, ids=["auto", "splice", "copy"])
 def test_large_transfer_is_intact(sandbox: ClusterSandbox, proxy: ProxyDriver) -> None:
     proxy.sync(service(sandbox, "pod-1-2"), full=True)
     out = sandbox.client.run([sys.executable, str(HERE / "clients.py"), "bulk", VIP, "80", "50"],
