@@ -11,11 +11,13 @@ the node namespace, which proxies to one pod. Measured per target:
   is the figure least disturbed by other load on the machine.
 
 Every target gets the same pod servers, the same client and the same measurement. Targets
-are measured in ROUNDS interleaved rounds (each round runs every target once) and the median
-round is printed per target, so a burst of load from elsewhere does not land on one target.
+are measured in ROUNDS interleaved rounds (each round runs every target once, in an order
+rotated by one each round) and the median and the range over the rounds are printed per
+target, so a burst of load from elsewhere does not land on one target.
 
 Run: ``python benchmarks/userspace_vs_haproxy.py [--seconds 3] [--concurrency 32]
-[--rounds 3] [--relays auto,splice,copy] [--event-loop auto|asyncio|uvloop]``.
+[--rounds 3] [--relays auto,splice,copy] [--event-loop auto|asyncio|uvloop]
+[--skip bulk|short]``.
 All processes share the machine's cores, so the short-connection figures include the Python
 load generator and Python answer server on the same CPUs: compare ratios, not absolutes.
 """
@@ -23,6 +25,7 @@ load generator and Python answer server on the same CPUs: compare ratios, not ab
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +161,10 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(10)
 
 
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -164,8 +172,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--relays", default="auto,splice,copy")
     parser.add_argument("--event-loop", default="auto", choices=("auto", "asyncio", "uvloop"))
+    parser.add_argument("--skip", default="", help="comma list: bulk, short")
     args = parser.parse_args()
     relays = [r for r in args.relays.split(",") if r]
+    skip = {s for s in args.skip.split(",") if s}
     sb = ClusterSandbox(local_pods=1, remote_pods=0)
     with sb:
         pod = sb.pods[0]
@@ -181,50 +191,86 @@ def main() -> None:
         def measure(label: str, bulk: tuple[str, int], fast: tuple[str, int],
                     proxy_pid: int | None) -> None:
             time.sleep(0.3)
-            gbps = iperf(sb.client, *bulk, args.seconds)
-            stats = short(sb.client, *fast, args.seconds, args.concurrency, proxy_pid)
-            rounds.setdefault(label, []).append({"gbps": gbps, **stats})
+            result: dict[str, Any] = {}
+            if "bulk" not in skip:
+                result["gbps"] = iperf(sb.client, *bulk, args.seconds)
+            if "short" not in skip:
+                result.update(short(sb.client, *fast, args.seconds, args.concurrency,
+                                    proxy_pid))
+            rounds.setdefault(label, []).append(result)
 
+        def no_proxy() -> None:
+            measure("no proxy", (pod.ip, 5201), (pod.ip, 8081), None)
+
+        def with_haproxy() -> None:
+            haproxy = sb.node.spawn(["haproxy", "-f", cfg.name, "-db"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_for_port(sb.node, sb.node_ip, 18081)
+            measure("haproxy", (sb.node_ip, 15201), (sb.node_ip, 18081), haproxy.pid)
+            stop(haproxy)
+
+        def with_userspace(relay: str) -> None:
+            proxy = start_userspace(sb, pod.ip, relay, args.event_loop)
+            measure(f"kproxy-userspace {relay}", ("10.96.0.50", 5201), ("10.96.0.51", 8081),
+                    proxy.pid)
+            stop(proxy)
+
+        targets: list[Callable[[], None]] = [
+            no_proxy, with_haproxy, *(functools.partial(with_userspace, r) for r in relays)]
         with tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False) as cfg:
             cfg.write(HAPROXY_CFG.format(node=sb.node_ip, pod=pod.ip))
+        loads = []
         try:
             for number in range(args.rounds):
-                measure("no proxy", (pod.ip, 5201), (pod.ip, 8081), None)
-                haproxy = sb.node.spawn(["haproxy", "-f", cfg.name, "-db"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                wait_for_port(sb.node, sb.node_ip, 18081)
-                measure("haproxy", (sb.node_ip, 15201), (sb.node_ip, 18081), haproxy.pid)
-                stop(haproxy)
-                for relay in relays:
-                    proxy = start_userspace(sb, pod.ip, relay, args.event_loop)
-                    measure(f"kproxy-userspace {relay}", ("10.96.0.50", 5201),
-                            ("10.96.0.51", 8081), proxy.pid)
-                    stop(proxy)
+                # The order rotates every round: a target always measured right after the
+                # same neighbour (its TIME_WAIT sockets, its conntrack entries, a CPU burst
+                # from elsewhere that lasts one target) would carry a bias of its own.
+                shift = number % len(targets)
+                for target in targets[shift:] + targets[:shift]:
+                    target()
+                loads.append(os.getloadavg()[0])
                 print(f"round {number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         finally:
             Path(cfg.name).unlink()
 
-        def median(label: str, key: str) -> float:
-            return float(statistics.median(r[key] for r in rounds[label]))
+        def values(label: str, key: str) -> list[float]:
+            return [float(r[key]) for r in rounds[label] if r.get(key) is not None]
 
-        print(f"load average {os.getloadavg()[0]:.2f}; median of {args.rounds} rounds; "
-              f"kproxy event loop option: {args.event_loop}")
-        for label, runs in rounds.items():
-            middle = sorted(runs, key=lambda r: float(r["cps"]))[len(runs) // 2]
-            cpu = f"{middle['cpu_us']:6.0f} us/conn" if middle["cpu_us"] is not None else ""
-            print(f"{label:24s} {median(label, 'gbps'):7.2f} Gbit/s  "
-                  f"{middle['cps']:8.0f} conn/s  p50 {middle['p50_ms']:.2f} ms  "
-                  f"p99 {middle['p99_ms']:.2f} ms  errors {middle['errors']}  {cpu}",
-                  flush=True)
+        def median(label: str, key: str) -> float:
+            return float(statistics.median(values(label, key)))
+
+        print(f"load average {min(loads):.1f}-{max(loads):.1f} over the rounds; median "
+              f"[min-max] of {args.rounds} rounds, rotating order; kproxy event loop option: "
+              f"{args.event_loop}")
+        for label in rounds:
+            line = f"{label:24s}"
+            if "bulk" not in skip:
+                gbps = values(label, "gbps")
+                line += f" {median(label, 'gbps'):6.2f} Gbit/s [{spread(gbps)}]"
+            if "short" not in skip:
+                line += (f" {median(label, 'cps'):6.0f} conn/s [{spread(values(label, 'cps'))}]"
+                         f" p50 {median(label, 'p50_ms'):.2f} ms"
+                         f" p99 {median(label, 'p99_ms'):.2f} ms"
+                         f" errors {sum(values(label, 'errors')):.0f}")
+                cpu = values(label, "cpu_us")
+                if cpu:
+                    line += f" {statistics.median(cpu):4.0f} us/conn [{spread(cpu)}]"
+            print(line, flush=True)
         print()
-        hap_gbps, hap_cps = median("haproxy", "gbps"), median("haproxy", "cps")
-        hap_cpu = median("haproxy", "cpu_us")
         for relay in relays:
             label = f"kproxy-userspace {relay}"
-            print(f"{relay}: throughput {median(label, 'gbps') / hap_gbps:.2f}x haproxy, "
-                  f"{median(label, 'gbps') / median('no proxy', 'gbps'):.2f}x no proxy; "
-                  f"conn/s {median(label, 'cps') / hap_cps:.2f}x haproxy; "
-                  f"CPU per connection {median(label, 'cpu_us') / hap_cpu:.2f}x haproxy")
+            parts = []
+            if "bulk" not in skip:
+                parts.append(
+                    f"throughput {median(label, 'gbps') / median('haproxy', 'gbps'):.2f}x "
+                    f"haproxy, {median(label, 'gbps') / median('no proxy', 'gbps'):.2f}x no "
+                    "proxy")
+            if "short" not in skip:
+                parts.append(f"conn/s {median(label, 'cps') / median('haproxy', 'cps'):.2f}x "
+                             "haproxy; CPU per connection "
+                             f"{median(label, 'cpu_us') / median('haproxy', 'cpu_us'):.2f}x "
+                             "haproxy")
+            print(f"{relay}: " + "; ".join(parts))
 
 
 if __name__ == "__main__":
