@@ -21,7 +21,11 @@ The fixed service's endpoints run a logging server (``--serve-log``, port 8081) 
 when it accepted and answered each connection and from which client port; after a failure the
 report looks the client's source port up in those logs (seen late = the request got through
 and the answer was slow; never seen = the SYN or its reply was lost), and saves the
-conntrack entry of that connection, the load and CPU pressure at that moment.
+conntrack entry of that connection, the load and CPU pressure at that moment, and counters
+that say where a lost packet went: forwarded packets conntrack judged INVALID (counted by
+rules the soak adds to the node's mangle FORWARD; kproxy's KUBE-FORWARD drops them),
+conntrack's statistics, and the client's SYN retransmissions. ``--calibrate`` causes both
+kinds of failure on purpose and prints their reports.
 
     python benchmarks/soak.py                     # 30 minutes, iptables mode
     python benchmarks/soak.py --minutes 2 --mode userspace
@@ -314,6 +318,43 @@ def _soak_in(workdir: Path, mode: str, minutes: float, sample: float, churn_inte
         c.close()
 
 
+#: Counting rules (no target) the soak puts in the node's mangle FORWARD, a chain kproxy
+#: never writes, so a sync never resets them: forwarded packets conntrack found INVALID
+#: (kproxy's KUBE-FORWARD drops those), and the TCP SYNs among them.
+_COUNTERS = {
+    "invalid_syn": ["-p", "tcp", "--syn", "-m", "conntrack", "--ctstate", "INVALID"],
+    "invalid": ["-m", "conntrack", "--ctstate", "INVALID"],
+}
+
+
+def install_counters(c: Cluster) -> None:
+    for name, match in _COUNTERS.items():
+        c.sb.node.run(["iptables", "-t", "mangle", "-A", "FORWARD", *match,
+                       "-m", "comment", "--comment", f"soak-{name}"])
+
+
+def counters(c: Cluster) -> dict[str, int]:
+    """The INVALID counters, conntrack's own statistics in the node namespace, and the
+    client's SYN retransmissions and TCP timeouts (its /proc/net/netstat)."""
+    result: dict[str, int] = {}
+    listing = c.sb.node.run(["iptables", "-t", "mangle", "-L", "FORWARD", "-v", "-x", "-n"],
+                            check=False).stdout
+    for line in listing.splitlines():
+        for name in _COUNTERS:
+            if f"soak-{name} " in line + " ":
+                result[name] = int(line.split()[0])
+    stats = c.sb.node.run(["conntrack", "-S"], check=False).stdout
+    for key in ("invalid", "error", "drop", "insert_failed", "early_drop"):
+        result[f"ct_{key}"] = sum(int(v) for v in re.findall(rf"\b{key}=(\d+)", stats))
+    netstat = c.pod(CLIENT_POD).ns.run(["cat", "/proc/net/netstat"], check=False).stdout
+    lines = netstat.splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        for key, value in zip(names.split()[1:], values.split()[1:], strict=False):
+            if key in ("TCPSynRetrans", "TCPTimeouts"):
+                result[f"client_{key}"] = int(value)
+    return result
+
+
 def start_fixed_service(c: Cluster) -> list[subprocess.Popen[bytes]]:
     """Logging servers in the fixed pods, kproxy, and the fixed Service answering."""
     servers = []
@@ -324,6 +365,7 @@ def start_fixed_service(c: Cluster) -> list[subprocess.Popen[bytes]]:
              str(LOG_PORT), str(c.workdir / f"serve-{name}.log")], stdout=subprocess.DEVNULL))
         wait_for_port(pod.ns, pod.ip, LOG_PORT, timeout=30)
     c.start_kproxy()
+    install_counters(c)
     c.apply(service_obj("fixed", FIXED_IP, [svc_port(80, LOG_PORT)]),
             endpoint_slice_obj("fixed", c.eps(*FIXED_PODS), ports=(("", LOG_PORT, "TCP"),)))
     c.wait_answered_by(c.pod(CLIENT_POD), FIXED_IP, 80, set(FIXED_PODS), count=16)
@@ -341,6 +383,7 @@ def snapshot(c: Cluster, record: dict[str, Any]) -> None:
     """What the machine and the node's conntrack held right after a failed request."""
     record["load"] = loadavg()
     record["cpu_pressure"] = cpu_pressure()
+    record["counters"] = counters(c)
     record["conntrack"] = c.sb.node.run(
         ["conntrack", "-L", "-p", "tcp", "--orig-src", c.pod(CLIENT_POD).ip,
          "--sport", str(record["port"])], check=False).stdout.strip()
@@ -369,6 +412,7 @@ def print_failure(f: dict[str, Any]) -> None:
     if "conntrack" in f:
         print(f"    conntrack: {f['conntrack'] or '(no entry)'}")
         print(f"    cpu pressure: {f['cpu_pressure']}")
+        print(f"    counters: {f.get('counters')}")
     for line in f.get("server") or ["(no server saw this connection)"]:
         fields = line.split()
         late = ""
@@ -445,7 +489,8 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
                 loads.append(float(loadavg().split()[0]))
                 print(f"  t={now - start:7.0f}s rss={rss[-1][1]} KiB services={len(churn.live)} "
                       f"requests={requests} failed={len(failures)} slow>0.5s={len(slow)} "
-                      f"conntrack={conntrack_entries(c)} load={loadavg()}", flush=True)
+                      f"conntrack={conntrack_entries(c)} load={loadavg()} {counters(c)}",
+                      flush=True)
                 next_sample += sample
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
@@ -495,6 +540,7 @@ def _soak(c: Cluster, minutes: float, sample: float, churn_interval: float,
         "threads_after": threads(pid),
         "leftover_chains": leftover,
         "ipset_entries_after": ipset_entries(c),
+        "counters_after": counters(c),
         "sync_errors": metric(metrics, "kproxy_sync_errors_total"),
         "restore_failures": metric(
             metrics, "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"),
@@ -605,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['threads_after']}")
     print(f"leftover chains: {r['leftover_chains'] or 'none'}; ipset entries: "
           f"{r['ipset_entries_after']}")
+    print(f"INVALID packets / conntrack stats / client SYN retransmits: {r['counters_after']}")
     print(f"syncs {r['syncs']:.0f}, sync errors {r['sync_errors']:.0f}, restore failures "
           f"{r['restore_failures']:.0f}")
     print("RESULT " + json.dumps(result, sort_keys=True))
