@@ -13,7 +13,7 @@ from kproxy_nftables.proxier import NftablesProxier, Settings
 from kproxy_nftables.transaction import full_plan
 from nft_helpers import context, ep, key, svc, view
 
-from kproxy_core.backend import SyncRequest
+from kproxy_core.backend import SyncError, SyncRequest
 from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey
 
 CIDR = {"clusterCIDR": ("10.0.0.0/8",)}
@@ -40,7 +40,8 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
     monkeypatch.setattr(nft, "apply", rec.apply)
     # Partial syncs bypass nft through the netlink writer: record those too (nothing here
     # may reach the host's kernel).
-    monkeypatch.setattr(netlink, "send", lambda lines, messages: rec.apply(list(lines)))
+    monkeypatch.setattr(netlink, "send",
+                        lambda lines, messages, **_: rec.apply(list(lines)))
     monkeypatch.setattr(nft, "list_names", lambda family: (set(), {}))
     yield rec
 
@@ -101,7 +102,7 @@ def test_endpoint_ranges_split_numgen_values_evenly() -> None:
     assert R.endpoint_ranges(1) == [(0, 16777215)]
     assert R.endpoint_ranges(3, 16777216) == [(16777216, 22369620), (22369621, 27962025),
                                               (27962026, 33554431)]
-    for count in (2, 5, 7, 1000, R.SLOT_VALUES):
+    for count in (2, 5, 7, 1000, 65536):
         ranges = R.endpoint_ranges(count, 2 * R.SLOT_VALUES)
         assert ranges[0][0] == 2 * R.SLOT_VALUES and ranges[-1][1] == 3 * R.SLOT_VALUES - 1
         assert all(a[1] + 1 == b[0] for a, b in itertools.pairwise(ranges))
@@ -109,6 +110,8 @@ def test_endpoint_ranges_split_numgen_values_evenly() -> None:
         assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError, match="1 to 16777216 endpoints"):
         R.endpoint_ranges(0)
+    with pytest.raises(ValueError, match="1 to 16777216 endpoints"):
+        R.endpoint_ranges(R.SLOT_VALUES + 1)
     # Every block of a map fits below 2^32 with room for the end of its last range.
     assert R.slot_offset(R.SLOTS_PER_MAP - 1) + R.SLOT_VALUES < 1 << 32
     assert R.address_map("UDP", R.SLOTS_PER_MAP - 1) == "endpoint-addrs-udp-0"
@@ -411,3 +414,49 @@ def test_settings() -> None:
     bridge = Settings(context({"detectLocalMode": "InterfaceNamePrefix",
                                "detectLocal.interfaceNamePrefix": "veth"}).config)
     assert bridge.local_detector(4) == R.LocalDetector('iifname "veth*"', 'iifname != "veth*"')
+
+
+def test_failed_partial_sync_leaves_the_state_as_it_was(
+        recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = Driver()
+    a = svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")])
+    b = svc(key("ns2", "b"), "172.30.0.42", endpoints=[ep("10.180.0.2")])
+    d.sync(a, b, full=True)
+    state = d.proxier.state[4]
+
+    def snapshot() -> tuple[object, ...]:
+        return (dict(state.programmed), dict(state.cluster_ip_refs), dict(state.hairpin_refs),
+                dict(state.slots.owner), list(state.slots.free), list(state.slots.released),
+                state.slots.top, state.chain_count)
+
+    before = snapshot()
+
+    def fail(lines: list[str], messages: list[bytes], **_: object) -> None:
+        raise netlink.NetlinkError("rejected")
+
+    monkeypatch.setattr(netlink, "send", fail)
+    c = svc(key("ns3", "c"), "172.30.0.43", endpoints=[ep("10.180.0.1"), ep("10.180.0.3")])
+    with pytest.raises(SyncError, match="rejected"):
+        d.proxier.sync(SyncRequest(view=view(b, c), changed=frozenset({WEB, c.key}),
+                                   full=False, previous={WEB: a, c.key: None}))
+    assert snapshot() == before
+
+
+def test_numgen_blocks_are_stable_and_reused_only_after_a_commit(recorder: Recorder) -> None:
+    d = Driver()
+    ports = [svc(key("ns", f"s{i}"), f"172.30.0.{i + 1}", endpoints=[ep("10.180.0.1")])
+             for i in range(3)]
+    d.sync(*ports, full=True)
+    owner = dict(d.proxier.state[4].slots.owner)
+    assert sorted(owner.values()) == [0, 1, 2]
+    d.sync(*ports, full=True)
+    assert d.proxier.state[4].slots.owner == owner, "a resync keeps every block"
+    fresh = svc(key("ns", "new"), "172.30.0.9", endpoints=[ep("10.180.0.1")])
+    d.sync(ports[0], ports[2], fresh)  # s1's block is given up in the same transaction
+    new_chain = R.SERVICE_PREFIX + R.chain_name_base(fresh.key.name)
+    assert d.proxier.state[4].slots.owner[new_chain] == 3
+    later = svc(key("ns", "later"), "172.30.0.10", endpoints=[ep("10.180.0.1")])
+    d.sync(ports[0], ports[2], fresh, later)
+    assert d.proxier.state[4].slots.owner[
+        R.SERVICE_PREFIX + R.chain_name_base(later.key.name)] == owner[
+        R.SERVICE_PREFIX + R.chain_name_base(ports[1].key.name)]
