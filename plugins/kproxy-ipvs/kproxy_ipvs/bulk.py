@@ -208,8 +208,8 @@ def ipset_entry_attrs(set_type: str, entry: str) -> bytes:
 
 def ipset_payloads(name: str, set_type: str, entries: Sequence[str]) -> Iterator[bytes]:
     """nfgenmsg + attributes, ``IPSET_ENTRIES_PER_MESSAGE`` entries per message."""
-    v6 = any(":" in entry for entry in entries[:1])
-    family = NFPROTO_IPV6 if v6 and set_type != "bitmap:port" else NFPROTO_IPV4
+    v6 = bool(entries) and ":" in entries[0].split(",", 1)[0]
+    family = NFPROTO_IPV6 if v6 else NFPROTO_IPV4
     head = (struct.pack("=BBH", family, 0, 0)
             + nla(IPSET_ATTR_PROTOCOL, struct.pack("=B", IPSET_PROTOCOL))
             + nla(IPSET_ATTR_SETNAME, name.encode() + b"\0")
@@ -365,7 +365,7 @@ class NetlinkBatcher:
                                     NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + payload)
         out: list[bytes] = []
         while True:
-            data = self.sock.recv(1 << 20)
+            data = self.sock.recv(1 << 18)
             offset = 0
             while offset + _HEADER.size <= len(data):
                 length, answer, _flags, answer_seq, _pid = _HEADER.unpack_from(data, offset)
@@ -404,7 +404,7 @@ class NetlinkBatcher:
                  replies: list[bytes] | None = None) -> None:
         """Read answers until the ack (or error) of ``last``."""
         while True:
-            data = self.sock.recv(1 << 20)
+            data = self.sock.recv(1 << 18)
             offset = 0
             while offset + _HEADER.size <= len(data):
                 length, kind, _flags, seq, _pid = _HEADER.unpack_from(data, offset)
