@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, NoReturn, cast
@@ -56,6 +57,12 @@ _EXTERNAL_TYPES: frozenset[str] = frozenset(("NodePort", "LoadBalancer"))
 _PORT_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,13}[a-z0-9])?")
 #: upstream validation caps ClientIP affinity at one day
 _MAX_AFFINITY_TIMEOUT = 86400
+
+
+def _intern(value: str) -> str:
+    """One shared copy of strings that repeat across objects (namespaces, names, protocols,
+    port names, node names, zones): at 10k services x 5 endpoints each was ~50k copies."""
+    return sys.intern(str(value))
 
 
 class InvalidObject(ValueError):
@@ -163,7 +170,7 @@ class _Reader:
         value = self.string(parent, "protocol", path, "TCP")
         if value not in _PROTOCOLS:
             self.fail(path, f"unknown protocol {value!r} (expected TCP, UDP or SCTP)")
-        return cast(Protocol, value)
+        return cast(Protocol, _intern(value))
 
     def ip(self, value: Any, path: str, family: IPFamily | None = None) -> str:
         if not isinstance(value, str):
@@ -230,7 +237,7 @@ def _metadata(
     # Manifests may omit the namespace; kubectl's default applies.
     if namespaced and not namespace:
         namespace = "default"
-    reader = _Reader(kind, namespace if namespaced else "", name)
+    reader = _Reader(kind, _intern(namespace) if namespaced else "", _intern(name))
     meta = reader.mapping(obj, "metadata", "metadata")
     if not name:
         reader.fail("metadata.name", "is required")
@@ -349,7 +356,7 @@ def _service_ports(
     for i, raw in enumerate(r.seq(spec, "ports", "spec.ports")):
         path = f"spec.ports[{i}]"
         p = r.item_mapping(raw, path)
-        name = r.string(p, "name", f"{path}.name")
+        name = _intern(r.string(p, "name", f"{path}.name"))
         protocol = r.protocol(p, f"{path}.protocol")
         port = r.port(p, "port", f"{path}.port", required=True)
         target = _target_port(r, p, f"{path}.targetPort", port)
@@ -426,7 +433,7 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSlice:
     r, meta = _metadata("EndpointSlice", obj, namespaced=True)
     labels = _string_map(r, meta, "labels")
     annotations = _string_map(r, meta, "annotations")
-    service_name = labels.get(LABEL_SERVICE_NAME, "")
+    service_name = _intern(labels.get(LABEL_SERVICE_NAME, ""))
     if not service_name:
         r.fail(f"metadata.labels[{LABEL_SERVICE_NAME}]", "is required")
 
@@ -447,7 +454,7 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSlice:
     for i, raw in enumerate(r.seq(obj, "ports", "ports")):
         path = f"ports[{i}]"
         p = r.item_mapping(raw, path)
-        name = r.string(p, "name", f"{path}.name")
+        name = _intern(r.string(p, "name", f"{path}.name"))
         protocol = r.protocol(p, f"{path}.protocol")
         # A port without a number means "all ports", which upstream does not implement
         # either: the entry is skipped.
@@ -486,8 +493,8 @@ def _slice_endpoints(r: _Reader, raw: Any, path: str, family: IPFamily) -> list[
     ready = True if ready_raw is None else ready_raw
     serving = True if serving_raw is None else serving_raw
     terminating = bool(terminating_raw)
-    node_name = r.string(ep, "nodeName", f"{path}.nodeName")
-    zone = r.string(ep, "zone", f"{path}.zone")
+    node_name = _intern(r.string(ep, "nodeName", f"{path}.nodeName"))
+    zone = _intern(r.string(ep, "zone", f"{path}.zone"))
     hints = r.mapping(ep, "hints", f"{path}.hints")
     hints_zones = _hint_names(r, hints, "forZones", f"{path}.hints.forZones")
     hints_nodes = _hint_names(r, hints, "forNodes", f"{path}.hints.forNodes")
@@ -513,7 +520,7 @@ def _hint_names(r: _Reader, hints: Mapping[str, Any], key: str, path: str) -> tu
         name = r.string(item, "name", f"{path}[{i}].name")
         if not name:
             r.fail(f"{path}[{i}].name", "is required")
-        names.append(name)
+        names.append(_intern(name))
     return tuple(names)
 
 
