@@ -76,6 +76,7 @@ FWD_MASQ = 0
 # rtnetlink (linux/rtnetlink.h, linux/if_addr.h).
 RTM_NEWADDR = 20
 RTM_DELADDR = 21
+RTM_GETADDR = 22
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
 
@@ -505,6 +506,20 @@ class BulkWriter:
             ((kind, flags, address_payload(index, a), a) for a in addresses),
             "adding addresses" if add else "deleting addresses",
             () if add else (errno.EADDRNOTAVAIL, errno.ENOENT))
+
+    def list_addresses(self) -> list[tuple[int, str]]:
+        """(interface index, address) of every address in the namespace, in kernel order
+        (a dump parsed by hand: kube-ipvs0 holds one per service)."""
+        replies = self._sock(NETLINK_ROUTE).dump(
+            RTM_GETADDR, struct.pack("=BBBBI", socket.AF_UNSPEC, 0, 0, 0, 0), "listing addresses")
+        out: list[tuple[int, str]] = []
+        for body in replies:
+            family, _prefix, _flags, _scope, index = struct.unpack_from("=BBBBI", body)
+            attrs = parse_attrs(body, 8)
+            raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+            if raw is not None and family in (socket.AF_INET, socket.AF_INET6):
+                out.append((index, socket.inet_ntop(family, raw)))
+        return out
 
     def set_entries(self, name: str, set_type: str, entries: Sequence[str], *,
                     add: bool = True) -> int:

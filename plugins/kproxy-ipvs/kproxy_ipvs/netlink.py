@@ -182,7 +182,7 @@ class NetlinkKernel:
         index = self._index(device)
         if index is None:
             return set()
-        return {str(msg.get_attr("IFA_ADDRESS")) for msg in self._ipr.get_addr(index=index)}
+        return {address for owner, address in self._bulk.list_addresses() if owner == index}
 
     def add_address(self, device: str, address: str) -> None:
         self.add_addresses(device, [address])
@@ -201,10 +201,9 @@ class NetlinkKernel:
     def local_addresses(self, exclude_device: str) -> list[str]:
         skip = self._index(exclude_device)
         out: list[str] = []
-        for msg in self._ipr.get_addr():
-            if msg["index"] == skip:
+        for index, address in self._bulk.list_addresses():
+            if index == skip:
                 continue
-            address = str(msg.get_attr("IFA_ADDRESS"))
             if address.startswith("127.") or address == "::1" or address.startswith("fe80:"):
                 continue
             if address not in out:

@@ -142,24 +142,27 @@ def test_ipset_batches_add_and_delete_every_set_type(node: NetNS) -> None:
 def test_address_batches_add_replace_and_delete(node: NetNS) -> None:
     addresses = [f"10.96.{i // 250}.{i % 250 + 1}" for i in range(600)] + ["fd00:96::10"]
 
-    def run() -> tuple[int, int, str]:
+    def run() -> tuple[int, int, str, list[tuple[int, str]]]:
         index = socket.if_nametoindex("kube-ipvs0")
         writer = bulk.BulkWriter()
         sent = writer.addresses(index, addresses)
         writer.addresses(index, addresses[:10])  # already there: no failure
         writer.addresses(index, addresses[:300], add=False)
+        listed = writer.list_addresses()
         try:
             writer.addresses(index + 1000, ["10.0.0.1"])
             failure = ""
         except bulk.BatchError as exc:
             failure = str(exc)
         writer.close()
-        return sent, index, failure
+        return sent, index, failure, listed
 
-    sent, _index, failure = in_netns(node.name, run, timeout=60)
+    sent, index, failure, dumped = in_netns(node.name, run, timeout=60)
     assert sent == len(addresses)
     listed = node.run(["ip", "-o", "addr", "show", "dev", "kube-ipvs0"]).stdout
     have = {line.split()[3].split("/")[0] for line in listed.splitlines()
             if line.split()[2] in ("inet", "inet6")}
     assert have == set(addresses[300:])
+    assert {a for i, a in dumped if i == index} == have
+    assert all(i != index for i, a in dumped if a == "127.0.0.1")
     assert "10.0.0.1" in failure and "No such device" in failure
