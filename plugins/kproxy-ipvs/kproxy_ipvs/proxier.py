@@ -116,6 +116,7 @@ class IpvsProxier(Backend):
         #: (virtual server, real server) at weight 0 waiting for its connections to end.
         self._graceful: dict[tuple[VSKey, RealServer], float] = {}
         self._rules_text: dict[int, str] = {}
+        self._rules_inputs: dict[int, tuple[object, ...]] = {}
         self._node_ips: dict[int, tuple[str, ...]] = {}
         self._ops: Counter[str] = Counter()
         self._initialised = False
@@ -378,6 +379,7 @@ class IpvsProxier(Backend):
         _concurrently(bulk_jobs)
         # iptables: our chains first (the restore creates them), then the jumps to them.
         self._rules_text = {}
+        self._rules_inputs = {}
         elapsed = self._write_rules()
         for family in self.families:
             for table, chain, target, comment in rules.JUMPS:
@@ -521,23 +523,27 @@ class IpvsProxier(Backend):
     def _write_rules(self) -> float:
         elapsed = 0.0
         for family in self.families:
-            nonempty = [base for (fam, base), counts in self._entries.items()
-                        if fam == family and counts]
+            nonempty = frozenset(base for (fam, base), counts in self._entries.items()
+                                 if fam == family and counts)
             not_local = rules.not_local_match(
                 self.local_traffic.for_family(family, self._pod_cidrs))
+            no_node_access = frozenset(item for item in self._no_node_access
+                                       if (":" in item[0]) == (family == 6))
+            drops = frozenset(drop for drop in self._external_drops if drop.family == family)
+            # Everything the rules depend on: unchanged (most partial syncs), nothing to render.
+            inputs = (nonempty, not_local, no_node_access, drops)
+            if self._rules_inputs.get(family) == inputs:
+                continue
             data = rules.iptables_rules(
                 rules.IptablesSettings(family, self.masquerade_all,  # type: ignore[arg-type]
                                        self.masquerade_bit, not_local),
-                nonempty,
-                [item for item in self._no_node_access if (":" in item[0]) == (family == 6)],
-                [drop for drop in self._external_drops if drop.family == family],
-            )
+                nonempty, no_node_access, drops)
             text = data.render()
-            if self._rules_text.get(family) == text:
-                continue
-            elapsed += self.kernel.restore(data)
-            self._op("iptables_restore")
-            self._rules_text[family] = text
+            if self._rules_text.get(family) != text:
+                elapsed += self.kernel.restore(data)
+                self._op("iptables_restore")
+                self._rules_text[family] = text
+            self._rules_inputs[family] = inputs
         return elapsed
 
     # -- explain -----------------------------------------------------------------------------
