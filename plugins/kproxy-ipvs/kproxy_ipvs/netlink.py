@@ -22,7 +22,10 @@ import attrs
 from kproxy_core.backend import BackendUnavailable, SyncError
 from kproxy_core.kernel.iptables import RestoreData
 from kproxy_ipvs import bulk
-from kproxy_ipvs.rules import RealServer, VirtualServer, VSKey
+from kproxy_ipvs.rules import SETS, RealServer, VirtualServer, VSKey, set_name
+
+#: Our set names (both families) -> set type.
+_SET_TYPES = {set_name(spec.name, family): spec.type for spec in SETS for family in (4, 6)}
 
 
 @attrs.frozen
@@ -233,9 +236,13 @@ class NetlinkKernel:
         ipset.create_set(name, set_type, family, comment=True, sock=self._set_sock())
 
     def list_set(self, name: str) -> set[str]:
-        from kproxy_core.kernel import ipset
+        set_type = _SET_TYPES.get(name)
+        if set_type is None:  # not one of ours: the shared helper knows every type
+            from kproxy_core.kernel import ipset
 
-        return ipset.list_entries(name, self._set_sock())
+            return ipset.list_entries(name, self._set_sock())
+        # Hand-parsed: KUBE-CLUSTER-IP and KUBE-IPVS-IPS hold one entry per service.
+        return self._bulk.list_set(name, set_type)
 
     def add_entry(self, name: str, set_type: str, entry: str) -> None:
         self._bulk.set_entries(name, set_type, [entry])

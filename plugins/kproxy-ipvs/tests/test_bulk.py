@@ -112,15 +112,18 @@ def test_ipset_batches_add_and_delete_every_set_type(node: NetNS) -> None:
             writer.set_entries(name, set_type, entries)
             writer.set_entries(name, set_type, entries)  # again: existing entries are fine
             out[set_type] = ipset.list_entries(name)
+            out[set_type + " hand-parsed"] = writer.list_set(name, set_type)
             writer.set_entries(name, set_type, entries[:1], add=False)
             out[set_type + " after delete"] = ipset.list_entries(name)
         ipset.create_set("SIX", "hash:ip,port", 6)
         writer.set_entries("SIX", "hash:ip,port", ["fd00::10,tcp:80"])
         out["six"] = ipset.list_entries("SIX")
+        out["six hand-parsed"] = writer.list_set("SIX", "hash:ip,port")
         many = [f"10.96.{i // 250}.{i % 250 + 1},tcp:80" for i in range(1000)]
         ipset.create_set("MANY", "hash:ip,port", 4)
         writer.set_entries("MANY", "hash:ip,port", many)
-        out["many"] = ipset.list_entries("MANY") == set(many)
+        out["many"] = ipset.list_entries("MANY") == set(many) == writer.list_set(
+            "MANY", "hash:ip,port")
         try:
             writer.set_entries("MISSING", "hash:ip", ["10.0.0.1"])
         except bulk.BatchError as exc:
@@ -131,9 +134,10 @@ def test_ipset_batches_add_and_delete_every_set_type(node: NetNS) -> None:
     out = in_netns(node.name, run, timeout=60)
     for set_type, entries in SETS.items():
         assert out[set_type] == {ipset.canonical_entry(set_type, e) for e in entries}, set_type
+        assert out[set_type + " hand-parsed"] == out[set_type], set_type
         assert out[set_type + " after delete"] == out[set_type] - {
             ipset.canonical_entry(set_type, entries[0])}, set_type
-    assert out["six"] == {"fd00::10,tcp:80"}
+    assert out["six"] == out["six hand-parsed"] == {"fd00::10,tcp:80"}
     assert out["many"] is True
     assert "ipset MISSING" in out["missing"] and "1 failed" in out["missing"]
 
