@@ -100,6 +100,13 @@ def bench_proxier(n: int, change: bool) -> dict[str, Any]:
         result = proxier.sync(partial_request)
         out.update(partial_s=time.perf_counter() - start, partial_ops=result.objects_written,
                    partial_counters=dict(result.counters), partial_kernel=kernel.report())
+        # The periodic resync: everything compared with the kernel, nothing to write.
+        kernel.seconds.clear()
+        kernel.calls.clear()
+        start = time.perf_counter()
+        result = proxier.sync(request(second, second, full=True))
+        out.update(resync_s=time.perf_counter() - start, resync_ops=result.objects_written,
+                   resync_kernel=kernel.report())
     proxier.close()
     return out
 
@@ -167,6 +174,9 @@ def main() -> int:
             print(f"N={n:>6}: one endpoint changed: partial sync {res['partial_s'] * 1000:.1f}ms, "
                   f"{res['partial_ops']} kernel writes {res['partial_counters']}; "
                   f"kernel calls: {res['partial_kernel']}", flush=True)
+            print(f"N={n:>6}: full resync, nothing changed: {res['resync_s']:.2f}s, "
+                  f"{res['resync_ops']} kernel writes; kernel calls: {res['resync_kernel']}",
+                  flush=True)
     return 0
 
 
