@@ -6,13 +6,21 @@ per-service chains only for the service ports the core reports as changed, and t
 removed or shrunk ports are deleted in the same transaction. Full syncs rewrite everything,
 ensure the jump rules from the built-in chains, re-create the canary chains and delete stale
 service chains found in ``iptables-save``.
+
+The canary chains (``KUBE-PROXY-CANARY`` in mangle, nat and filter) are watched by a
+`CanaryMonitor` thread every sync period, as upstream's ``iptables.Monitor``: a sync never
+waits on ``iptables -S`` under the xtables lock for them. When one is gone (a firewall reload
+flushed the tables), the next sync is a full one, and the core is asked for it at once when it
+offers a way to (``BackendContext.request_sync``).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import subprocess
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kproxy_core.backend import (
@@ -75,6 +83,56 @@ class Settings:
         return False
 
 
+class CanaryMonitor:
+    """Upstream's ``iptables.Monitor``: a thread that checks every ``interval`` seconds that
+    the canary chains exist and calls ``on_lost`` once they are gone.
+
+    ``check`` returns False when a canary is missing; an exception from it (iptables not
+    answering) is logged and is not a loss, as upstream treats resource errors.
+    """
+
+    def __init__(self, check: Callable[[], bool], on_lost: Callable[[], None],
+                 interval: float, logger: logging.Logger) -> None:
+        if interval <= 0:
+            raise ValueError(f"canary interval must be positive, not {interval}")
+        self.check = check
+        self.on_lost = on_lost
+        self.interval = interval
+        self.logger = logger
+        self.checks = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="iptables-canary",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def check_once(self) -> bool:
+        """One check; True if the canaries are there (``on_lost`` was called otherwise)."""
+        self.checks += 1
+        try:
+            present = self.check()
+        except Exception as exc:
+            self.logger.warning("cannot check the canary chains: %s", exc)
+            return True
+        if not present:
+            self.on_lost()
+        return present
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.check_once()
+
+
 class _FamilyState:
     __slots__ = ("cfg", "ports", "programmed", "rendered")
 
@@ -107,6 +165,11 @@ class IptablesProxier(Backend):
         self._writers: dict[int, Any] = {}
         self._state = {family: _FamilyState() for family in self.families}
         self._force_full = True
+        #: Set by the canary monitor, cleared when a full sync starts (it re-creates them).
+        self._canary_lost = threading.Event()
+        self.canary_monitor = CanaryMonitor(
+            self.canaries_present, self._on_canary_lost,
+            float(config_value(context.config, "iptables.syncPeriod", 30.0)), context.logger)
         self._tcp_liberal = _read_sysctl(TCP_BE_LIBERAL) not in ("", "0")
         if 4 in self.families and self.settings.localhost_nodeports_for(4):
             # Upstream's trade-off (issue 90259): NodePorts on 127.0.0.1 need route_localnet;
@@ -238,6 +301,10 @@ class IptablesProxier(Backend):
         from kproxy_core.kernel.iptables_writers import RestoreError
 
         full = request.full or self._force_full
+        if full:
+            # Cleared before the restore that re-creates the canaries: a loss seen during
+            # this sync is then acted on by the next one (at worst a spare full sync).
+            self._canary_lost.clear()
         objects = 0
         external = 0.0
         counters: dict[str, int] = {}
@@ -292,6 +359,8 @@ class IptablesProxier(Backend):
             self._force_full = True
             raise SyncError(f"iptables sync failed: {exc}") from exc
         self._force_full = False
+        # Started after the first full sync created the canaries.
+        self.canary_monitor.start()
         return SyncResult(objects_written=objects, counters=counters, external_seconds=external)
 
     def _jumps(self, family: int) -> list[R.JumpRule]:
@@ -334,16 +403,34 @@ class IptablesProxier(Backend):
             writer.ensure_rule(jump.table, jump.source, jump.args(), prepend=True)
 
     def needs_full_sync(self) -> bool:
-        try:
-            for family in self.families:
-                writer = self.writer(family)
-                for table in ("mangle", "nat", "filter"):
-                    if not writer.chain_exists(table, R.KUBE_PROXY_CANARY):
-                        return True
-        except Exception as exc:
-            self.context.logger.warning("cannot check the canary chains: %s", exc)
-            return True
-        return False
+        """Whether the canary monitor saw a canary chain vanish since the last full sync
+        (no kernel access: the monitor thread did that off the sync path)."""
+        return self._canary_lost.is_set()
+
+    def canaries_present(self) -> bool:
+        """Every canary chain exists, in every family (read from the kernel). Stricter than
+        upstream, which looks at mangle only: a reload of just nat or filter counts too."""
+        for family in self.families:
+            writer = self.writer(family)
+            for table in ("mangle", "nat", "filter"):
+                if not writer.chain_exists(table, R.KUBE_PROXY_CANARY):
+                    return False
+        return True
+
+    def _on_canary_lost(self) -> None:
+        if self._canary_lost.is_set():
+            return  # already reported; waiting for the full sync
+        self._canary_lost.set()
+        self.context.logger.info("iptables canary chain %s is gone (tables flushed?): the "
+                                 "next sync is a full one", R.KUBE_PROXY_CANARY)
+        # Not a BackendContext field yet: when the core offers one, the repair does not
+        # wait for the next change or periodic sync.
+        request_sync: Callable[[], None] | None = getattr(self.context, "request_sync", None)
+        if request_sync is not None:
+            request_sync()
+
+    def close(self) -> None:
+        self.canary_monitor.stop()
 
     def describe(self, key: ServicePortKey) -> Mapping[str, Any]:
         st = self._state.get(key.family)

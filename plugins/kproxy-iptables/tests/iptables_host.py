@@ -25,6 +25,11 @@ def _cleanup(_backend: Backend, _args: Any) -> list[str]:
     return cleanup(logging.getLogger("kproxy.test.cleanup"))
 
 
+def _canary_check(backend: Backend, _args: Any) -> bool:
+    """One round of the proxier's canary monitor (its thread waits a whole sync period)."""
+    return bool(backend.canary_monitor.check_once())  # type: ignore[attr-defined]
+
+
 class ProxierHost(BackendHost):
     def __init__(self, netns: str, config: Mapping[str, Any] | None = None,
                  families: tuple[int, ...] = (4,)) -> None:
@@ -35,7 +40,8 @@ class ProxierHost(BackendHost):
 
             return IptablesProxier(context(config, families))
 
-        super().__init__(netns, make, ops={"writer": _writer, "cleanup": _cleanup})
+        super().__init__(netns, make, ops={"writer": _writer, "cleanup": _cleanup,
+                                         "canary_check": _canary_check})
 
     def save(self, table: str) -> str:
         return str(self.call("writer", ("save", (table,))))

@@ -201,11 +201,16 @@ def test_audit_reports_stale_and_missing_chains(env: Env) -> None:
 
 
 def test_canary_loss_asks_for_full_sync(env: Env) -> None:
+    assert env.host.call("canary_check") is True
     assert env.host.call("needs_full_sync") is False
     env.host.call("writer", ("delete_chain", ("mangle", R.KUBE_PROXY_CANARY)))
+    # The sync path does not look at the kernel: only the monitor's check notices.
+    assert env.host.call("needs_full_sync") is False
+    assert env.host.call("canary_check") is False
     assert env.host.call("needs_full_sync") is True
     env.sync(*BASE, full=True)
     assert env.host.call("needs_full_sync") is False
+    assert env.host.call("canary_check") is True
 
 
 def test_zz_cleanup_removes_ours_and_nothing_else(env: Env) -> None:
