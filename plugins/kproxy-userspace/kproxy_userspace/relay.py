@@ -7,6 +7,10 @@ than the relaying itself for short connections.
 
 TCP bytes move with ``os.splice`` through a pipe per direction, so payload is never copied
 into Python; a socket that refuses splice (``EINVAL``) falls back to ``recv_into``/``send``.
+Under the default ``relay=auto`` a direction copies its first `SPLICE_AFTER` bytes and takes
+a pipe only after that: request/response traffic then holds 2 fds per connection instead of
+6, while bulk transfers run the very same splice path as ``relay=splice`` (issue #5 measured
+no difference per MB: docs/benchmarks.md).
 """
 
 from __future__ import annotations
