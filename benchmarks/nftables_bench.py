@@ -3,11 +3,14 @@
     python benchmarks/nftables_bench.py [--sizes 1000,5000,10000] [--changes 5]
 
 Per size N (N ClusterIP services x 5 endpoints, from an empty namespace): the first full sync
-(wall time, time inside ``nft``, statements sent), then one-endpoint changes (partial syncs:
-median and max wall time, statements sent, the writer used: netlink or nft), a second full
-sync (the periodic resync, which lists chain/set/map names once), and the process's peak
-RSS (``ru_maxrss`` of the forked child that ran the proxier, which starts as a copy of this
-process: the baseline is printed too).
+(wall time, time inside ``nft``, statements sent), then one-endpoint changes (partial syncs,
+each on another service): ``--changes`` replacing one endpoint (same count), as many adding
+a sixth and as many removing one (median and max wall time of each kind, the median time
+spent in the kernel, statements sent, the writer used: netlink or nft), a second full sync
+(the periodic resync, which lists chain/set/map names once), and the process's peak RSS
+(``ru_maxrss`` of the forked child that ran the proxier, which starts as a copy of this
+process: the baseline is printed too). ``--replace-only`` runs only the replacements (the
+only kind older versions of this script measured).
 """
 
 from __future__ import annotations
@@ -35,12 +38,18 @@ from kproxy_core.testing.netns import Sandbox
 ENDPOINTS = 5
 
 
-def make_port(i: int, bump: int = 0) -> ResolvedServicePort:
+def make_port(i: int, bump: int = 0, kind: str = "replace") -> ResolvedServicePort:
+    """Service ``i``; with ``bump``, one endpoint changed: the last one replaced by another
+    address, a sixth added, or the last one removed (``kind``)."""
     cip = f"10.96.{i // 250}.{i % 250 + 1}"
     eps = [ep(f"10.{244 + (i * ENDPOINTS + j) // 62500}.{(i * ENDPOINTS + j) // 250 % 250}."
               f"{(i * ENDPOINTS + j) % 250 + 1}", 8080) for j in range(ENDPOINTS)]
-    if bump:
+    if bump and kind == "replace":
         eps[-1] = ep(f"10.250.0.{bump}", 8080)
+    elif bump and kind == "add":
+        eps.append(ep(f"10.250.1.{bump}", 8080))
+    elif bump:
+        eps.pop()
     port: ResolvedServicePort = svc(key("bench", f"s{i}", "http"), cip, 80, endpoints=eps)
     return port
 
@@ -49,7 +58,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench(n: int, changes: int) -> dict[str, Any]:
+def bench(n: int, changes: int, kinds: tuple[str, ...]) -> dict[str, Any]:
     from kproxy_nftables.proxier import NftablesProxier
 
     logging.disable(logging.CRITICAL)
@@ -62,23 +71,29 @@ def bench(n: int, changes: int) -> dict[str, Any]:
     out: dict[str, Any] = {"full_s": time.perf_counter() - start,
                            "full_nft_s": result.external_seconds,
                            "full_statements": len(proxier.last_transaction)}
-    times = []
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    kernel: list[float] = []
     statements = []
     writers = set()
+    view = NodeView("node", ("10.99.0.1",), "", ports)  # the core hands over its own dict
     for c in range(changes):
-        i = (n // 2 + c * 7) % n
-        new = make_port(i, bump=c + 1)
-        old = ports[new.key]
-        ports[new.key] = new
-        request = SyncRequest(view=NodeView("node", ("10.99.0.1",), "", dict(ports)),
-                              changed=frozenset({new.key}), full=False,
-                              previous={new.key: old})
-        start = time.perf_counter()
-        proxier.sync(request)
-        times.append(time.perf_counter() - start)
-        statements.append(len(proxier.last_transaction))
-        writers.add(proxier.last_writer)
-    out.update(partial_median_s=statistics.median(times), partial_max_s=max(times),
+        for k, kind in enumerate(kinds):
+            i = (n // 2 + (c * len(kinds) + k) * 7) % n
+            new = make_port(i, bump=c + 1, kind=kind)
+            old = ports[new.key]
+            ports[new.key] = new
+            request = SyncRequest(view=view, changed=frozenset({new.key}), full=False,
+                                  previous={new.key: old})
+            start = time.perf_counter()
+            result = proxier.sync(request)
+            times[kind].append(time.perf_counter() - start)
+            kernel.append(result.external_seconds)
+            statements.append(len(proxier.last_transaction))
+            writers.add(proxier.last_writer)
+    every = [t for kind in kinds for t in times[kind]]
+    out.update(partial_median_s=statistics.median(every), partial_max_s=max(every),
+               partial_kernel_s=statistics.median(kernel),
+               by_kind={kind: (statistics.median(t), max(t)) for kind, t in times.items()},
                partial_statements=max(statements), writer="+".join(sorted(writers)))
     start = time.perf_counter()
     result = proxier.sync(SyncRequest(view=NodeView("node", ("10.99.0.1",), "", dict(ports)),
@@ -91,20 +106,26 @@ def bench(n: int, changes: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,5000,10000")
-    parser.add_argument("--changes", type=int, default=5)
+    parser.add_argument("--changes", type=int, default=5,
+                        help="changes of each kind per size")
+    parser.add_argument("--replace-only", action="store_true")
     args = parser.parse_args()
+    kinds = ("replace",) if args.replace_only else ("replace", "add", "remove")
     print(f"{'services':>8} {'full s':>8} {'(nft s)':>8} {'stmts':>7} {'1-ep med ms':>11} "
-          f"{'max ms':>7} {'stmts':>5} {'resync s':>8} {'(nft s)':>8} {'rss MB':>7} "
-          f"{'base MB':>7} {'writer':>7}")
+          f"{'max ms':>7} {'(kernel)':>8} {'stmts':>5} {'resync s':>8} {'(nft s)':>8} "
+          f"{'rss MB':>7} {'base MB':>7} {'writer':>7}  median/max ms per kind")
     for n in (int(s) for s in args.sizes.split(",")):
         with Sandbox() as sandbox:
             ns = sandbox.netns("nftbench")
-            r = in_netns(ns.name, functools.partial(bench, n, args.changes), timeout=1800)
+            r = in_netns(ns.name, functools.partial(bench, n, args.changes, kinds),
+                         timeout=1800)
+        per_kind = " ".join(f"{kind} {med * 1000:.1f}/{top * 1000:.1f}"
+                            for kind, (med, top) in r["by_kind"].items())
         print(f"{n:>8} {r['full_s']:>8.2f} {r['full_nft_s']:>8.2f} {r['full_statements']:>7} "
               f"{r['partial_median_s'] * 1000:>11.1f} {r['partial_max_s'] * 1000:>7.1f} "
-              f"{r['partial_statements']:>5} {r['resync_s']:>8.2f} {r['resync_nft_s']:>8.2f} "
-              f"{r['peak_rss_mb']:>7.0f} {r['baseline_rss_mb']:>7.0f} {r['writer']:>7}",
-              flush=True)
+              f"{r['partial_kernel_s'] * 1000:>8.2f} {r['partial_statements']:>5} "
+              f"{r['resync_s']:>8.2f} {r['resync_nft_s']:>8.2f} {r['peak_rss_mb']:>7.0f} "
+              f"{r['baseline_rss_mb']:>7.0f} {r['writer']:>7}  {per_kind}", flush=True)
     return 0
 
 

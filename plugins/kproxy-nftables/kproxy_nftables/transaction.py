@@ -60,10 +60,11 @@ class Plan:
     delete_chains: list[str] = attrs.field(factory=list)
     stale: list[str] = attrs.field(factory=list)
     added: set[str] = attrs.field(factory=set)
+    #: ``ip kube-proxy``: computed once (a full sync names it in ~100,000 statements).
+    table: str = attrs.field(init=False)
 
-    @property
-    def table(self) -> str:
-        return f"{nft_family(self.family)} {TABLE}"
+    def __attrs_post_init__(self) -> None:
+        self.table = f"{nft_family(self.family)} {TABLE}"
 
     def lines(self) -> list[str]:
         return [*self.setup, *self.add_chains, *self.flush_chains, *self.delete_elements,
