@@ -15,6 +15,10 @@ pods crosses the node's IP stack and its netfilter hooks::
 
 Service VIPs (10.96.0.0/16, external IPs and LB IPs in 10.98.0.0/16) are routed from the client
 to ``node``; nothing here routes outside the sandbox.
+
+``ClusterSandbox(ipv6=True)`` adds the same layout in IPv6 beside it (dual-stack): LAN
+``fd00:99::N/64``, pods ``fd00:244:<node>::<host>/128`` (``Pod.ip6``), VIPs in ``fd00:96::/112``
+and ``fd00:98::/112``. Addresses are added with ``nodad`` so they work at once.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ CLUSTER_CIDR = "10.244.0.0/16"
 SERVICE_CIDR = "10.96.0.0/16"
 EXTERNAL_CIDR = "10.98.0.0/16"
 LAN_PREFIX = "10.99.0"
+CLUSTER_CIDR6 = "fd00:244::/48"
+SERVICE_CIDR6 = "fd00:96::/112"
+EXTERNAL_CIDR6 = "fd00:98::/112"
+LAN_PREFIX6 = "fd00:99:"
 
 
 def unique_name(role: str) -> str:
@@ -155,6 +163,8 @@ class Pod:
     ip: str
     node: str
     ns: NetNS
+    #: The pod's IPv6 address when the sandbox is dual-stack.
+    ip6: str | None = None
 
 
 class ClusterSandbox(Sandbox):
@@ -163,6 +173,7 @@ class ClusterSandbox(Sandbox):
     def __init__(self, local_pods: int = 2, remote_pods: int = 1, *, ipv6: bool = False) -> None:
         super().__init__()
         self.pods: list[Pod] = []
+        self.ipv6 = ipv6
         try:
             self.lan = self.netns("lan")
             self.lan.run(["ip", "link", "add", "br0", "type", "bridge"])
@@ -182,6 +193,8 @@ class ClusterSandbox(Sandbox):
             for cidr in (SERVICE_CIDR, EXTERNAL_CIDR):
                 self.client.run(["ip", "route", "add", cidr, "via", f"{LAN_PREFIX}.1"])
             self.node2.run(["ip", "route", "add", SERVICE_CIDR, "via", f"{LAN_PREFIX}.1"])
+            if ipv6:
+                self._wire_ipv6()
             for index in range(local_pods):
                 self.add_pod(self.node, 1, index + 2)
             for index in range(remote_pods):
@@ -196,11 +209,32 @@ class ClusterSandbox(Sandbox):
         self.veth(ns, "eth0", self.lan, peer)
         self.lan.run(["ip", "link", "set", peer, "master", "br0"])
         ns.run(["ip", "addr", "add", f"{LAN_PREFIX}.{host_id}/24", "dev", "eth0"])
+        if self.ipv6:
+            ns.run(["ip", "-6", "addr", "add", f"{LAN_PREFIX6}:{host_id}/64", "dev", "eth0",
+                    "nodad"])
         return ns
+
+    def _wire_ipv6(self) -> None:
+        """The IPv4 routes of ``__init__``, in IPv6."""
+        for subnet_host, other_id, subnet in ((self.node, 2, "fd00:244:2::/64"),
+                                              (self.node2, 1, "fd00:244:1::/64")):
+            subnet_host.run(["ip", "-6", "route", "add", subnet, "via",
+                             f"{LAN_PREFIX6}:{other_id}"])
+            subnet_host.sysctl("net.ipv6.conf.all.forwarding", "1")
+            # As for IPv4: some route for VIPs so local connects reach OUTPUT; the gateway
+            # exists nowhere.
+            subnet_host.run(["ip", "-6", "route", "add", "default", "via", f"{LAN_PREFIX6}:fe"])
+        for cidr in (SERVICE_CIDR6, EXTERNAL_CIDR6):
+            self.client.run(["ip", "-6", "route", "add", cidr, "via", self.node_ip6])
+        self.node2.run(["ip", "-6", "route", "add", SERVICE_CIDR6, "via", self.node_ip6])
 
     @property
     def node_ip(self) -> str:
         return f"{LAN_PREFIX}.1"
+
+    @property
+    def node_ip6(self) -> str:
+        return f"{LAN_PREFIX6}:1"
 
     def add_pod(self, host: NetNS, node_index: int, host_id: int) -> Pod:
         node_name = "node" if node_index == 1 else "node2"
@@ -217,7 +251,16 @@ class ClusterSandbox(Sandbox):
         host.run(["ip", "route", "add", f"{ip}/32", "dev", host_if])
         # The gateway address sits on every pod veth of the node; answer ARP for it per link.
         host.sysctl(f"net.ipv4.conf.{host_if}.proxy_arp", "1")
-        pod = Pod(name, ip, node_name, ns)
+        ip6 = None
+        if self.ipv6:
+            ip6 = f"fd00:244:{node_index}::{host_id:x}"
+            gateway6 = f"fd00:244:{node_index}::1"
+            ns.run(["ip", "-6", "addr", "add", f"{ip6}/128", "dev", "eth0", "nodad"])
+            ns.run(["ip", "-6", "route", "add", gateway6, "dev", "eth0"])
+            ns.run(["ip", "-6", "route", "add", "default", "via", gateway6])
+            host.run(["ip", "-6", "addr", "add", f"{gateway6}/128", "dev", host_if, "nodad"])
+            host.run(["ip", "-6", "route", "add", f"{ip6}/128", "dev", host_if])
+        pod = Pod(name, ip, node_name, ns, ip6)
         self.pods.append(pod)
         return pod
 

@@ -1,9 +1,7 @@
 """IPv6 traffic through the userspace mode (root, namespaces).
 
-The shared `ClusterSandbox` wires IPv4 only, so this module adds IPv6 addresses and routes to
-the namespaces of its own sandbox: ULA prefixes, ``nodad`` so addresses work at once, and the
-same routed layout as IPv4 (a pod has a /128 and a default route via a gateway address on its
-node-side veth).
+The shared `ClusterSandbox` built dual-stack (``ipv6=True``): the same routed layout as IPv4 in
+ULA prefixes.
 """
 
 from __future__ import annotations
@@ -16,46 +14,26 @@ from collections.abc import Iterator
 import pytest
 from helpers import HERE, ProxyDriver, echo, pods_of, udp_connected
 
-from kproxy_core.testing.netns import ClusterSandbox, NetNS
+from kproxy_core.testing.netns import ClusterSandbox
 
 pytestmark = pytest.mark.root
 
-NODE6 = "fd00:99::1"
-CLIENT6 = "fd00:99::100"
 VIP6 = "fd00:96::10"
+# The node-side gateway of pods on node 1 (ClusterSandbox's layout).
 POD_GATEWAY6 = "fd00:244:1::1"
-
-
-def add6(ns: NetNS, *args: str) -> None:
-    ns.run(["ip", "-6", *args])
 
 
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[tuple[ClusterSandbox, dict[str, str]]]:
     if os.geteuid() != 0:
         pytest.fail("these tests need root: they create network namespaces")
-    sb = ClusterSandbox(local_pods=2, remote_pods=0)
+    sb = ClusterSandbox(local_pods=2, remote_pods=0, ipv6=True)
     try:
-        add6(sb.node, "addr", "add", f"{NODE6}/64", "dev", "eth0", "nodad")
-        add6(sb.client, "addr", "add", f"{CLIENT6}/64", "dev", "eth0", "nodad")
-        sb.node.sysctl("net.ipv6.conf.all.forwarding", "1")
-        # As for IPv4: the node needs some route to VIPs for its own connects to reach the
-        # OUTPUT hook; the gateway exists nowhere.
-        add6(sb.node, "route", "add", "default", "via", "fd00:99::254")
-        add6(sb.client, "route", "add", "fd00:96::/112", "via", NODE6)
         pods6: dict[str, str] = {}
-        for index, member in enumerate(sb.pods):
-            ip6 = f"fd00:244:1::{index + 2}"
-            # The node-side veth of this pod (what its IPv4 /32 route points at).
-            host_if = sb.node.run(["ip", "-o", "route", "get", member.ip]).stdout.split(
-                " dev ")[1].split()[0]
-            add6(sb.node, "addr", "add", f"{POD_GATEWAY6}/128", "dev", host_if, "nodad")
-            add6(sb.node, "route", "add", f"{ip6}/128", "dev", host_if)
-            add6(member.ns, "addr", "add", f"{ip6}/128", "dev", "eth0", "nodad")
-            add6(member.ns, "route", "add", POD_GATEWAY6, "dev", "eth0")
-            add6(member.ns, "route", "add", "default", "via", POD_GATEWAY6)
+        for member in sb.pods:
+            assert member.ip6 is not None
             sb.start_echo(member)
-            pods6[member.name] = ip6
+            pods6[member.name] = member.ip6
         yield sb, pods6
     finally:
         sb.close()
@@ -64,7 +42,7 @@ def sandbox() -> Iterator[tuple[ClusterSandbox, dict[str, str]]]:
 @pytest.fixture
 def proxy(sandbox: tuple[ClusterSandbox, dict[str, str]]) -> Iterator[ProxyDriver]:
     sb, _pods = sandbox
-    driver = ProxyDriver(sb.node, node_ips=[sb.node_ip, NODE6], families=[4, 6])
+    driver = ProxyDriver(sb.node, node_ips=[sb.node_ip, sb.node_ip6], families=[4, 6])
     yield driver
     driver.close()
 
@@ -90,8 +68,8 @@ def test_tcp_and_udp_over_ipv6(sandbox: tuple[ClusterSandbox, dict[str, str]],
         replies = echo(ns, proto, VIP6, port, count=2)
         assert sorted(pods_of(replies)) == names, (proto, replies)
         # Endpoints see one of the node's IPv6 addresses, never the client's (not preserved).
-        assert {line.split()[1] for line in replies} <= {NODE6, POD_GATEWAY6}, replies
-        replies = echo(ns, proto, NODE6, node_port, count=2)
+        assert {line.split()[1] for line in replies} <= {sb.node_ip6, POD_GATEWAY6}, replies
+        replies = echo(ns, proto, sb.node_ip6, node_port, count=2)
         assert sorted(pods_of(replies)) == names, (proto, replies)
     # The answer comes back from the address the client sent to.
     assert udp_connected(ns, VIP6, 53).split()[0] in names
