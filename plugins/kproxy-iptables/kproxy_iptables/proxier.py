@@ -315,13 +315,14 @@ class IptablesProxier(Backend):
                 missing: list[R.JumpRule] = []
                 family_full = full or self._state[family].cfg is None
                 if family_full:
-                    nat_text = writer.save("nat")
+                    builtin = _builtin_prefixes(self._jumps(family))
+                    existing, nat_jumps = _read_saved(writer, "nat", builtin)
+                    _, filter_jumps = _read_saved(writer, "filter", builtin)
                     missing = self._missing_jumps(
-                        family, {"nat": nat_text, "filter": writer.save("filter")})
+                        family, {"nat": nat_jumps, "filter": filter_jumps})
                     if self.settings.writer == "libiptc":
                         self._ensure_jumps(writer, family, missing)
                         missing = []
-                    existing = _chains_in(nat_text)
                 sections = writer.backend == "nft"
                 data, book = self.plan(request, family, full=family_full,
                                        existing_nat_chains=existing, sections=sections)
@@ -329,7 +330,7 @@ class IptablesProxier(Backend):
                     # Settings changed under a partial sync: stale chains need a listing.
                     self._ensure_jumps(writer, family)
                     data, book = self.plan(request, family, full=True,
-                                           existing_nat_chains=_chains_in(writer.save("nat")),
+                                           existing_nat_chains=_read_saved(writer, "nat")[0],
                                            sections=sections)
                 if missing:
                     missing = _insert_jumps(data if isinstance(data, list) else [data],
@@ -369,8 +370,10 @@ class IptablesProxier(Backend):
             jumps += R.KUBELET_JUMP_RULES
         return jumps
 
-    def _missing_jumps(self, family: int, saved: Mapping[str, str]) -> list[R.JumpRule]:
-        """The jump rules absent from ``saved`` (iptables-save text per table).
+    def _missing_jumps(self, family: int, saved: Mapping[str, Sequence[str]]
+                       ) -> list[R.JumpRule]:
+        """The jump rules absent from ``saved`` (iptables-save lines per table; only the
+        built-in chains' rules matter).
 
         Checking ~14 rules with ``iptables -C`` (and ``-S`` for their chains) cost ~40
         processes per full sync, up to half of a 1k-service sync on a loaded node; two saves
@@ -379,10 +382,10 @@ class IptablesProxier(Backend):
         carries its comment, which is what ``-C`` would find for rules kproxy wrote.
         """
         jumps = self._jumps(family)
-        prefixes = tuple({f"-A {jump.source} " for jump in jumps})
+        prefixes = _builtin_prefixes(jumps)
         by_chain: dict[tuple[str, str], list[str]] = {}
-        for table, text in saved.items():
-            for line in text.splitlines():
+        for table, lines in saved.items():
+            for line in lines:
                 if line.startswith(prefixes):
                     chain = line.split(" ", 2)[1]
                     by_chain.setdefault((table, chain), []).append(line.rstrip())
@@ -482,7 +485,7 @@ class IptablesProxier(Backend):
         for family, st in self._state.items():
             if st.cfg is None:
                 continue
-            existing = {c for c in _chains_in(self.writer(family).save("nat"))
+            existing = {c for c in _read_saved(self.writer(family), "nat")[0]
                         if R.is_service_chain(c)}
             expected = {c for chains in st.programmed.values() for c in chains}
             lines += [f"IPv{family} nat chain {c} is programmed but no service owns it"
@@ -523,6 +526,40 @@ def _insert_jumps(parts: Sequence[RestoreData], jumps: Sequence[R.JumpRule]
         else:
             left.append(jump)
     return left
+
+
+def _builtin_prefixes(jumps: Sequence[R.JumpRule]) -> tuple[str, ...]:
+    return tuple(sorted({f"-A {jump.source} " for jump in jumps}))
+
+
+def _read_saved(writer: Any, table: str, keep: tuple[str, ...] = ()
+                ) -> tuple[list[str], list[str]]:
+    """(chains, lines starting with one of ``keep``) of ``table`` in the kernel.
+
+    ``iptables-save`` is read as a stream: at 10k services the nat table's text is ~25 MB and
+    its lines as a list twice that, which made every periodic full sync kproxy's peak memory.
+    """
+    from kproxy_core.kernel.iptables_writers import COMMAND_TIMEOUT, find_binary
+
+    binary = find_binary(writer.family, writer.backend, "save")
+    if binary is None:  # cannot happen with a working writer; keep its own error path
+        text = str(writer.save(table))
+        return _chains_in(text), [line for line in text.splitlines() if line.startswith(keep)]
+    chains: list[str] = []
+    kept: list[str] = []
+    with subprocess.Popen([binary, "-t", table], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        for line in proc.stdout:
+            if line.startswith(":"):
+                chains.append(line[1:].split(" ", 1)[0])
+            elif keep and line.startswith(keep):
+                kept.append(line.rstrip("\n"))
+        error = proc.stderr.read()
+        code = proc.wait(timeout=COMMAND_TIMEOUT)
+    if code != 0:
+        raise SyncError(f"{binary} -t {table} exited {code}: {error.strip()}")
+    return chains, kept
 
 
 def _chains_in(save_text: str) -> list[str]:
