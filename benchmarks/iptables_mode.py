@@ -10,8 +10,13 @@ each writer/backend, in a fresh network namespace, runs the real thing, ``kproxy
   KUBE-SEP chain visible in the kernel (``iptables -t nat -S CHAIN`` polled). The manifests
   source polls its directory every second, so this includes up to 1 s of polling; kproxy's
   own partial sync duration (from its log) is printed beside it.
+* one periodic full sync (``--iptables-sync-period``, 30 s by default) over the populated
+  tables, waited for after the changes: that is the steady state's memory peak (stale chain
+  listing, every chain rewritten), so peak RSS is read after it (``--no-periodic`` skips it).
 * rules in the kernel (``-A`` lines of iptables-save), kproxy's peak RSS (VmHWM, its own
   process only) and CPU seconds (its own, and its children's: the restore processes).
+  ``--kproxy-pythonpath DIR...`` runs another checkout's kproxy (e.g. an older commit from
+  ``git archive``) for a side-by-side comparison; its label is ``--label``.
 * the floor: the same rule set (rendered by the mode from an equivalent model) applied by a
   bare ``iptables-restore`` in another fresh namespace; wall, CPU and peak RSS of that
   process. On nf_tables, also the whole set as ONE transaction (what upstream writes), up to
@@ -165,8 +170,13 @@ def sync_histogram(ns: NetNS) -> tuple[float, int]:
 
 
 def run_kproxy(services: int, endpoints: int, writer: str, backend: str, changes: int,
-               budget: float) -> dict[str, Any]:
-    out: dict[str, Any] = {"services": services, "writer": writer, "backend": backend}
+               budget: float, *, periodic: bool = True, pythonpath: list[str] | None = None,
+               label: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {"services": services, "writer": writer, "backend": backend,
+                           "label": label}
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([*pythonpath, env.get("PYTHONPATH", "")])
     with tempfile.TemporaryDirectory(prefix="kproxy-bench-") as tmp, Sandbox() as sandbox:
         directory = Path(tmp) / "manifests"
         directory.mkdir()
@@ -184,7 +194,7 @@ def run_kproxy(services: int, endpoints: int, writer: str, backend: str, changes
                              "--healthz-bind-address=127.0.0.1:10256",
                              "--metrics-bind-address=127.0.0.1:10249",
                              "--iptables-min-sync-period=0", "--v=2"],
-                            stdout=sink, stderr=subprocess.STDOUT)
+                            stdout=sink, stderr=subprocess.STDOUT, env=env)
         try:
             first = wait_log(log, "full", 1, start + budget)
         except SyncFailed as exc:
@@ -231,6 +241,12 @@ def run_kproxy(services: int, endpoints: int, writer: str, backend: str, changes
                 time.sleep(0.05)
         out["change"] = sorted(latencies)[len(latencies) // 2] if latencies else None
         out["partial_sync"] = sorted(partials)[len(partials) // 2] if partials else None
+        out["rss_before_periodic_mb"] = proc_hwm_mb(proc.pid)
+        if periodic:
+            fulls = len([m for m in SYNC_RE.finditer(log.read_text(errors="replace"))
+                         if m.group(1) == "full"])
+            again = wait_log(log, "full", fulls + 1, time.monotonic() + 30 + budget)
+            out["periodic_full_sync"] = float(again.group(4)) if again else None
         own, children = proc_cpu(proc.pid)
         out["cpu_own"] = own
         out["cpu_children"] = children
@@ -368,6 +384,12 @@ def main() -> None:
     parser.add_argument("--plot", help="write the PNG plot here")
     parser.add_argument("--json", help="write raw results here")
     parser.add_argument("--replot", help="only redraw --plot from a --json file")
+    parser.add_argument("--no-periodic", action="store_true",
+                        help="do not wait for a periodic full sync before reading peak RSS")
+    parser.add_argument("--kproxy-pythonpath", nargs="+",
+                        help="run kproxy from these directories instead (another checkout)")
+    parser.add_argument("--label", default="", help="printed with each kproxy result")
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor runs")
     args = parser.parse_args()
     if args.replot:
         saved = json.loads(Path(args.replot).read_text())
@@ -388,10 +410,12 @@ def main() -> None:
     floors: list[dict[str, Any]] = []
     for size in args.sizes:
         for writer, backend in configs:
-            r = run_kproxy(size, args.endpoints, writer, backend, args.changes, args.budget)
+            r = run_kproxy(size, args.endpoints, writer, backend, args.changes, args.budget,
+                           periodic=not args.no_periodic, pythonpath=args.kproxy_pythonpath,
+                           label=args.label)
             results.append(r)
             print(json.dumps(r), flush=True)
-        for writer, backend in configs:
+        for writer, backend in ([] if args.no_floor else configs):
             sections = writer == "restore" and backend == "nft"
             text = floor_text(size, args.endpoints, sections)
             f = run_floor(text, writer, backend)
@@ -399,7 +423,7 @@ def main() -> None:
                      + (" (kproxy's sections)" if sections else ""))
             floors.append(f)
             print(json.dumps(f), flush=True)
-        if ("restore", "nft") in configs and size <= args.single_max:
+        if ("restore", "nft") in configs and size <= args.single_max and not args.no_floor:
             f = run_floor(floor_text(size, args.endpoints, False), "restore", "nft")
             f.update(services=size, kind="restore-nft, one transaction (upstream's shape)")
             floors.append(f)
@@ -407,19 +431,21 @@ def main() -> None:
     print()
     print("| services | writer | backend | first full sync s | restore in it s | Python "
           "share | start->synced s | 1-endpoint change s (sync s) | rules | chains | peak RSS "
-          "MB | CPU own / children s | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "MB (before the periodic full sync) | periodic full sync s | CPU own / children s | "
+          "load | label |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "sync" not in r:
             print(f"| {r['services']} | {r['writer']} | {r['backend']} | {r['error']} |"
-                  + " |" * 9 + f" {r['pressure']} |")
+                  + " |" * 10 + f" {r['pressure']} | {r['label']} |")
             continue
         share = (r["sync"] - r["external"]) / r["sync"] if r["sync"] else 0.0
         print(f"| {r['services']} | {r['writer']} | {r['backend']} | {fmt(r['sync'])} | "
               f"{fmt(r['external'])} | {share:.0%} | {fmt(r['start_to_synced'])} | "
               f"{fmt(r['change'])} ({fmt(r['partial_sync'], 3)}) | {r['rules']} | "
-              f"{r['chains']} | {fmt(r['rss_mb'], 0)} | {fmt(r['cpu_own'], 1)} / "
-              f"{fmt(r['cpu_children'], 1)} | {r['pressure']} |")
+              f"{r['chains']} | {fmt(r['rss_mb'], 0)} ({fmt(r['rss_before_periodic_mb'], 0)}) | "
+              f"{fmt(r.get('periodic_full_sync'))} | {fmt(r['cpu_own'], 1)} / "
+              f"{fmt(r['cpu_children'], 1)} | {r['pressure']} | {r['label']} |")
     print()
     print("| services | floor | wall s | CPU s | peak RSS MB | load |")
     print("|---|---|---|---|---|---|")
