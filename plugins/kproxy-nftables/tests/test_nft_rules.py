@@ -267,8 +267,10 @@ def test_endpoint_changes_are_map_elements_only(recorder: Recorder) -> None:
     d = Driver()
     other = svc(key("ns2", "other"), "172.30.0.50", endpoints=[ep("10.180.0.7")])
     d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1")]), other, full=True)
-    assert "add element ip kube-proxy hairpin-endpoints { 10.180.0.1 . 10.180.0.1 }" in (
-        recorder.transactions[-1])
+    assert ("add element ip kube-proxy hairpin-endpoints { 10.180.0.1 . 10.180.0.1, "
+            "10.180.0.7 . 10.180.0.7 }") in recorder.transactions[-1]
+    assert ("add element ip kube-proxy cluster-ips { 172.30.0.41, 172.30.0.50 }"
+            in recorder.transactions[-1])
     eps = "ip kube-proxy endpoint-addrs-tcp-0"
     d.sync(svc(WEB, "172.30.0.41", endpoints=[ep("10.180.0.1"), ep("10.180.0.2")]), other)
     assert recorder.transactions[-1] == [
