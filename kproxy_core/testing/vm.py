@@ -99,7 +99,7 @@ def guest_script(argv: Sequence[str], modules: Sequence[str], cwd: str,
 
 def build_vng_argv(argv: Sequence[str], *, kernel: str, modules: Sequence[str], cwd: str,
                    memory: str, cpus: int, kvm: bool, env: dict[str, str],
-                   shared_dirs: Sequence[str] = ()) -> list[str]:
+                   shared_dirs: Sequence[str] = (), rw_dirs: Sequence[str] = ()) -> list[str]:
     vng = shutil.which("vng")
     if vng is None:
         raise VMUnavailable(
@@ -110,6 +110,9 @@ def build_vng_argv(argv: Sequence[str], *, kernel: str, modules: Sequence[str], 
     # Host directories under the guest's fresh tmpfs mounts (a CI checkout in /tmp...) are
     # shared explicitly, read-only as the rest of the host filesystem.
     out += [f"--rodir={path}" for path in shared_dirs]
+    # Writable host directories: what a run leaves there (logs, pytest's --basetemp) is
+    # readable on the host while the guest still runs.
+    out += [f"--rwdir={path}" for path in rw_dirs]
     if not kvm:
         out.append("--disable-kvm")
     out += ["--exec", guest_script(argv, modules, cwd, env)]
@@ -135,7 +138,8 @@ def guest_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def run_in_vm(argv: Sequence[str], *, modules: Sequence[str] = (), kernel: str | None = None,
               cwd: str | None = None, memory: str = "2G", cpus: int = 2, kvm: bool = False,
-              timeout: float = 900, env: dict[str, str] | None = None) -> int:
+              timeout: float = 900, env: dict[str, str] | None = None,
+              rw_dirs: Sequence[str] = ()) -> int:
     """Boot the VM, run ``argv`` (first word resolved like the host would), return its exit
     code. Output goes to this process's stdout/stderr."""
     argv = list(argv)
@@ -147,7 +151,8 @@ def run_in_vm(argv: Sequence[str], *, modules: Sequence[str] = (), kernel: str |
                      if hidden_in_guest(path)})
     vng_argv = build_vng_argv(argv, kernel=kernel or find_kernel(modules), modules=modules,
                               cwd=cwd or os.getcwd(), memory=memory, cpus=cpus, kvm=kvm,
-                              env=guest_env(env), shared_dirs=shared)
+                              env=guest_env(env), shared_dirs=shared,
+                              rw_dirs=[os.path.realpath(path) for path in rw_dirs])
     # Own process group: on timeout QEMU (vng's child) must die too, not linger as an orphan.
     started = time.monotonic()
     deadline = started + timeout
@@ -201,6 +206,8 @@ def main(args: Sequence[str] | None = None) -> int:
     parser.add_argument("--kvm", action="store_true", help="use KVM (default: TCG emulation)")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--rwdir", action="append", default=[], metavar="DIR",
+                        help="host directory the guest may write (same path in the guest)")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     ns = parser.parse_args(args)
     command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
@@ -213,7 +220,7 @@ def main(args: Sequence[str] | None = None) -> int:
     try:
         return run_in_vm(command, modules=[m for m in ns.modules.split(",") if m],
                          kernel=ns.kernel, memory=ns.memory, cpus=ns.cpus, kvm=ns.kvm,
-                         timeout=ns.timeout, env=extra)
+                         timeout=ns.timeout, env=extra, rw_dirs=ns.rwdir)
     except (VMUnavailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
