@@ -1,4 +1,4 @@
-"""Fixtures of the end-to-end suite: one `Cluster` per proxy mode and test module.
+"""Fixtures of the end-to-end suite: one `Cluster` per proxy mode for the whole session.
 
 A mode that cannot run is never skipped silently: a mode plugin that is not installed fails
 the run in CI (``CI=true``) and is skipped with the reason locally; IPVS on a kernel without
@@ -29,17 +29,18 @@ def require_mode(mode: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="session", params=MODES)
 def mode(request: pytest.FixtureRequest) -> str:
     mode = str(request.param)
     require_mode(mode)
     return mode
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster(mode: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A running kproxy in ``mode``, shared by a module's tests: each test uses its own service
-    names and IPs, and leaves kproxy running."""
+    """A running kproxy in ``mode``, shared by every test of the suite that wants one (one
+    topology per mode, not per module: in the ipvs VM each setup costs minutes): each test
+    uses its own service names and IPs, and leaves kproxy running."""
     c = Cluster(mode, tmp_path_factory.mktemp(f"e2e-{mode}"))
     try:
         c.start_kproxy()
