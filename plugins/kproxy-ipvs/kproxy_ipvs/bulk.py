@@ -74,6 +74,11 @@ _SVC_F_HASHED = 0x2
 FWD_MASQ = 0
 
 # rtnetlink (linux/rtnetlink.h, linux/if_addr.h).
+RTM_NEWLINK = 16
+RTM_DELLINK = 17
+IFLA_IFNAME = 3
+IFLA_LINKINFO = 18
+IFLA_INFO_KIND = 1
 RTM_NEWADDR = 20
 RTM_DELADDR = 21
 RTM_GETADDR = 22
@@ -545,6 +550,20 @@ class BulkWriter:
             ((kind, flags, address_payload(index, a), a) for a in addresses),
             "adding addresses" if add else "deleting addresses",
             () if add else (errno.EADDRNOTAVAIL, errno.ENOENT))
+
+    def add_dummy(self, name: str) -> None:
+        """A dummy interface (``ip link add NAME type dummy``); one that exists is fine."""
+        payload = (struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
+                   + nla(IFLA_IFNAME, name.encode() + b"\0")
+                   + nested(IFLA_LINKINFO, nla(IFLA_INFO_KIND, b"dummy\0")))
+        self._sock(NETLINK_ROUTE).send(
+            [(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, payload, name)], f"adding {name}",
+            (errno.EEXIST,))
+
+    def delete_link(self, index: int) -> None:
+        self._sock(NETLINK_ROUTE).send(
+            [(RTM_DELLINK, 0, struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0),
+              f"link {index}")], "deleting a link", (errno.ENODEV,))
 
     def list_addresses(self) -> list[tuple[int, str]]:
         """(interface index, address) of every address in the namespace, in kernel order

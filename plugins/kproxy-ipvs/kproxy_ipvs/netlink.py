@@ -1,7 +1,7 @@
 """The kernel side of IPVS mode behind one small interface (`Kernel`), so that the proxier's
 diffing logic is tested against `FakeKernel` (tests) and runs against `NetlinkKernel`
 (hand-encoded netlink for IPVS and for address and set-entry writes, `kproxy_ipvs.bulk`;
-pyroute2 for links and set management; iptables through the core writer).
+pyroute2 for set management; iptables through the core writer).
 
 Everything acts on the network namespace of the calling thread.
 """
@@ -20,7 +20,7 @@ from typing import Protocol as _Interface
 import attrs
 
 from kproxy_core.backend import BackendUnavailable, SyncError
-from kproxy_core.kernel.iptables import RestoreData
+from kproxy_core.kernel.iptables import RestoreData, quote
 from kproxy_ipvs import bulk
 from kproxy_ipvs.rules import SETS, RealServer, VirtualServer, VSKey, set_name
 
@@ -60,6 +60,8 @@ class Kernel(_Interface):
     def list_set_names(self) -> list[str]: ...
     def restore(self, data: RestoreData) -> float: ...
     def ensure_jump(self, family: int, table: str, chain: str, args: list[str]) -> None: ...
+    def ensure_jumps(self, family: int, jumps: Sequence[tuple[str, str, list[str]]]
+                     ) -> int: ...
     def delete_jump(self, family: int, table: str, chain: str, args: list[str]) -> bool: ...
     def delete_chain(self, family: int, table: str, chain: str) -> bool: ...
     def sysctl(self, path: str, value: str) -> None: ...
@@ -78,14 +80,10 @@ def _modules_hint() -> str:
 
 class NetlinkKernel:
     """`Kernel` over netlink sockets opened in the calling thread's network namespace: IPVS,
-    address and set-entry writes and IPVS dumps hand-encoded (`kproxy_ipvs.bulk`, sockets kept
-    open); links, address listings and set management through pyroute2."""
+    links, addresses and set entries hand-encoded (`kproxy_ipvs.bulk`, sockets kept open);
+    set creation and listing other sets through pyroute2; iptables through the core writer."""
 
     def __init__(self, writer_kind: str = "restore") -> None:
-        try:
-            from pyroute2 import IPRoute
-        except ImportError as exc:  # pragma: no cover - dependency
-            raise BackendUnavailable(f"pyroute2 is missing ({exc}): pip install pyroute2") from exc
         self._bulk = bulk.BulkWriter()
         try:
             self._bulk.list_services()
@@ -94,16 +92,14 @@ class NetlinkKernel:
             raise BackendUnavailable(
                 f"IPVS generic netlink family is not available ({exc}): {_modules_hint()}"
             ) from exc
-        self._ipr: Any = IPRoute()
         self._writer_kind = writer_kind
         self._writers: dict[int, Any] = {}
         self._ipset: Any = None
 
     def close(self) -> None:
         self._bulk.close()
-        for sock in (self._ipr, self._ipset):
-            if sock is not None:
-                sock.close()
+        if self._ipset is not None:
+            self._ipset.close()
 
     # -- IPVS --------------------------------------------------------------------------------
 
@@ -170,7 +166,7 @@ class NetlinkKernel:
 
     def ensure_dummy(self, name: str) -> None:
         if self._index(name) is None:
-            self._ipr.link("add", ifname=name, kind="dummy")
+            self._bulk.add_dummy(name)
         # Upstream leaves kube-ipvs0 down: the addresses are still local, and no route is
         # announced for them.
 
@@ -178,7 +174,7 @@ class NetlinkKernel:
         index = self._index(name)
         if index is None:
             return False
-        self._ipr.link("del", index=index)
+        self._bulk.delete_link(index)
         return True
 
     def list_addresses(self, device: str) -> set[str]:
@@ -278,6 +274,25 @@ class NetlinkKernel:
 
     def ensure_jump(self, family: int, table: str, chain: str, args: list[str]) -> None:
         self._writer(family).ensure_rule(table, chain, args, prepend=True)
+
+    def ensure_jumps(self, family: int, jumps: Sequence[tuple[str, str, list[str]]]) -> int:
+        """(table, built-in chain, args) rules at the top of their chains when missing: one
+        ``iptables-save`` per table and at most one restore, not a check and an insert per
+        rule (every command start costs; in the emulated VM, seconds). Returns how many
+        were inserted."""
+        writer = self._writer(family)
+        saved = {table: set(writer.save(table).splitlines())
+                 for table in dict.fromkeys(table for table, _chain, _args in jumps)}
+        missing: dict[str, list[str]] = {}
+        for table, chain, args in jumps:
+            rendered = " ".join(quote(arg) for arg in args)
+            if f"-A {chain} {rendered}" not in saved[table]:
+                missing.setdefault(table, []).append(f"-I {chain} 1 {rendered}")
+        if missing:
+            text = "".join(f"*{table}\n" + "".join(f"{line}\n" for line in lines) + "COMMIT\n"
+                           for table, lines in missing.items())
+            writer.restore_text(text)
+        return sum(len(lines) for lines in missing.values())
 
     def delete_jump(self, family: int, table: str, chain: str, args: list[str]) -> bool:
         return bool(self._writer(family).delete_rule(table, chain, args))

@@ -382,8 +382,8 @@ class IpvsProxier(Backend):
         self._rules_inputs = {}
         elapsed = self._write_rules()
         for family in self.families:
-            for table, chain, target, comment in rules.JUMPS:
-                self.kernel.ensure_jump(family, table, chain, rules.jump_args(target, comment))
+            self.kernel.ensure_jumps(family, [(table, chain, rules.jump_args(target, comment))
+                                              for table, chain, target, comment in rules.JUMPS])
         return elapsed
 
     def _sync_reals(self, key: VSKey, desired: frozenset[RealServer],

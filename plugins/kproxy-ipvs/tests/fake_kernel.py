@@ -131,6 +131,12 @@ class FakeKernel:
     def ensure_jump(self, family: int, table: str, chain: str, args: list[str]) -> None:
         self.jumps.add((family, table, chain, tuple(args)))
 
+    def ensure_jumps(self, family: int, jumps: Sequence[tuple[str, str, list[str]]]) -> int:
+        before = len(self.jumps)
+        for table, chain, args in jumps:
+            self.ensure_jump(family, table, chain, args)
+        return len(self.jumps) - before
+
     def delete_jump(self, family: int, table: str, chain: str, args: list[str]) -> bool:
         item = (family, table, chain, tuple(args))
         if item in self.jumps:

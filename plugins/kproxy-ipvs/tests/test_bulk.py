@@ -170,3 +170,63 @@ def test_address_batches_add_replace_and_delete(node: NetNS) -> None:
     assert {a for i, a in dumped if i == index} == have
     assert all(i != index for i, a in dumped if a == "127.0.0.1")
     assert "10.0.0.1" in failure and "No such device" in failure
+
+
+@pytest.mark.root
+def test_links_and_jumps_through_the_netlink_kernel() -> None:
+    """ensure_jumps inserts only what ``iptables-save`` lacks, in one restore; the dummy
+    device helper (this host has no dummy driver: the kernel's refusal is the error) and link
+    deletion by index."""
+    from kproxy_ipvs.netlink import NetlinkKernel
+    from kproxy_ipvs.rules import JUMPS, jump_args
+
+    jumps = [(table, chain, jump_args(target, comment))
+             for table, chain, target, comment in JUMPS]
+
+    def run() -> dict[str, Any]:
+        from kproxy_core.kernel.iptables import RestoreData
+
+        writer = bulk.BulkWriter()
+        kernel = NetlinkKernel.__new__(NetlinkKernel)  # no IPVS on this host: skip its probe
+        kernel._bulk, kernel._writer_kind = writer, "restore"
+        kernel._writers, kernel._ipset = {}, None
+        data = RestoreData(4)
+        for table, chain in {("nat", "KUBE-SERVICES"), ("nat", "KUBE-POSTROUTING"),
+                             ("filter", "KUBE-FORWARD"), ("filter", "KUBE-NODE-PORT"),
+                             ("filter", "KUBE-PROXY-FIREWALL"), ("filter", "KUBE-IPVS-FILTER"),
+                             ("filter", "KUBE-IPVS-OUT-FILTER")}:
+            data.table(table).chain(chain)
+        kernel.restore(data)
+        out: dict[str, Any] = {"first": kernel.ensure_jumps(4, jumps),
+                               "again": kernel.ensure_jumps(4, jumps)}
+        try:
+            writer.add_dummy("kube-ipvs0")
+            out["dummy"] = "created"
+        except bulk.BatchError as exc:
+            out["dummy"] = str(exc)
+        writer.close()
+        return out
+
+    with Sandbox() as sandbox:
+        ns = sandbox.netns("jumps")
+        ns.run(["ip", "link", "add", "gone0", "type", "veth", "peer", "name", "gone1"])
+        out = in_netns(ns.name, run, timeout=60)
+        saved = ns.run(["iptables-save"]).stdout
+
+        def delete() -> bool:
+            kernel_writer = bulk.BulkWriter()
+            kernel_writer.delete_link(socket.if_nametoindex("gone0"))
+            kernel_writer.close()
+            try:
+                socket.if_nametoindex("gone0")
+                return False
+            except OSError:
+                return True
+
+        gone = in_netns(ns.name, delete, timeout=60)
+    assert out["first"] == len(JUMPS) and out["again"] == 0
+    assert saved.count("-j KUBE-") >= len(JUMPS)
+    assert ('-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES'
+            in saved)
+    assert out["dummy"] == "created" or "adding kube-ipvs0" in out["dummy"]
+    assert gone
