@@ -352,7 +352,8 @@ def test_canary_removed_forces_a_full_sync(fc: FaultCluster) -> None:
     if c.mode != "iptables":
         pytest.skip(f"{c.mode} mode keeps no canary chain (it rewrites its chains every sync)")
     a, other = "10.96.12.1", "10.96.12.2"
-    c.start_kproxy()  # default sync period (30s): only the canary can trigger the repair
+    # Default sync period (30s): the canary monitor looks every sync period, as upstream's.
+    c.start_kproxy()
     c.apply(service_obj("a", a), endpoint_slice_obj("a", c.eps("pod-1-2")))
     client = c.pod("pod-1-3")
     c.wait_answered_by(client, a, 80, {"pod-1-2"})
@@ -361,11 +362,19 @@ def test_canary_removed_forces_a_full_sync(fc: FaultCluster) -> None:
     c.sb.node.run(["iptables-nft", "-t", "nat", "-F", "KUBE-SERVICES"])
     for table in ("mangle", "nat", "filter"):
         c.sb.node.run(["iptables-nft", "-t", table, "-X", "KUBE-PROXY-CANARY"])
+    removed = time.monotonic()
     c.wait_not_answered(client, a, 80)
-    # An unrelated change: the partial sync it triggers must become a full one.
+    # The monitor notices off the sync path within one sync period...
+    eventually("the canary monitor noticed", lambda: "KUBE-PROXY-CANARY is gone" in c.log(),
+               timeout=45)
+    noticed = time.monotonic() - removed
+    # ...and the next sync, whatever triggers it (here an unrelated change, or the periodic
+    # one if it comes first), is a full one that repairs the flushed dispatch.
     c.apply(service_obj("other", other), endpoint_slice_obj("other", c.eps("pod-2-2")))
     c.wait_answered_by(client, other, 80, {"pod-2-2"})
     c.wait_answered_by(client, a, 80, {"pod-1-2"})
+    record(f"[{c.mode}] canary removed: noticed after {noticed:.1f}s, repaired after "
+           f"{time.monotonic() - removed:.1f}s (sync period 30s)")
     saved = c.saved()
     assert saved.count(":KUBE-PROXY-CANARY") == 3, saved
 
