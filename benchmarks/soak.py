@@ -662,8 +662,9 @@ def main(argv: list[str] | None = None) -> int:
     result = soak(args.mode, args.minutes, args.sample, args.churn_interval,
                   args.max_services, args.seed, args.workdir)
     r = result
-    print(f"fixed service: {r['requests']} requests, {r['failed']} failed "
-          f"{r['failure_causes'] or ''}, longest gap {r['longest_gap_s']}s")
+    causes = f" {r['failure_causes']}" if r["failure_causes"] else ""
+    print(f"fixed service: {r['requests']} requests, {r['failed']} failed{causes}, "
+          f"longest gap {r['longest_gap_s']}s")
     for f in r["failures"]:
         print_failure(f)
     print(f"answered slower than {r['answered_slower_than']}; connects that needed a SYN "
