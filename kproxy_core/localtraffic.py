@@ -14,6 +14,7 @@ import attrs
 
 from kproxy_core.backend import ConfigView, as_list, config_value
 from kproxy_core.model import of_family
+from kproxy_core.options import ModeConfigError
 
 DETECT_LOCAL_MODES = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
 
@@ -40,8 +41,9 @@ class LocalTrafficDetector:
     def __init__(self, config: ConfigView) -> None:
         self.mode = str(config_value(config, "detectLocalMode", "") or "ClusterCIDR")
         if self.mode not in DETECT_LOCAL_MODES:
-            raise ValueError(f"detectLocalMode must be one of {', '.join(DETECT_LOCAL_MODES)}, "
-                             f"not {self.mode!r}")
+            raise ModeConfigError(
+                f"detectLocalMode must be one of {', '.join(DETECT_LOCAL_MODES)}, "
+                f"not {self.mode!r}")
         self.cluster_cidrs = as_list(config_value(config, "clusterCIDR", ""))
         self.bridge_interface = str(config_value(config, "detectLocal.bridgeInterface", ""))
         self.interface_prefix = str(config_value(config, "detectLocal.interfaceNamePrefix", ""))

@@ -46,6 +46,8 @@ BAD_FLAGS = [
     (["--proxy-mode=nonexistent"], "nonexistent"),
     (["--unknown-flag"], "--unknown-flag"),
     (["--iptables-sync-period"], "--iptables-sync-period"),
+    # Checked by the mode itself (it needs the algorithm registry): still a config error.
+    (["--proxy-mode=userspace", "--userspace-algorithm=bogus"], "--userspace-algorithm"),
 ]
 
 #: (config file body, text the one error line must contain)

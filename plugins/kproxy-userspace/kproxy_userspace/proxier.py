@@ -21,6 +21,7 @@ from kproxy_core.backend import (
     SyncResult,
 )
 from kproxy_core.model import ResolvedServicePort, ServicePortKey, ip_family
+from kproxy_core.options import ModeConfigError
 from kproxy_userspace import rules
 from kproxy_userspace.relay import DataPlane, Limits, LoopUnavailable, RateLimitedLog
 
@@ -50,7 +51,7 @@ def resolve_algorithm(context: BackendContext) -> AlgorithmSpec:
     registry = context.plugins.algorithms()
     spec = registry.get(name)
     if spec is None:
-        raise BackendUnavailable(
+        raise ModeConfigError(
             f"--userspace-algorithm={name!r} is not a registered load-balancing algorithm; "
             f"registered: {', '.join(registry.names()) or 'none'}"
         )
