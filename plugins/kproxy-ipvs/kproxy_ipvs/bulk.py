@@ -89,10 +89,12 @@ IFA_LOCAL = 2
 NFNL_SUBSYS_IPSET = 6
 IPSET_PROTOCOL = 6  # the oldest the kernel takes; ADD/DEL did not change since
 IPSET_CMD_LIST = 7
+IPSET_CMD_HEADER = 12
 IPSET_CMD_ADD = 9
 IPSET_CMD_DEL = 10
 IPSET_ATTR_PROTOCOL = 1
 IPSET_ATTR_SETNAME = 2
+IPSET_ATTR_TYPENAME = 3
 IPSET_ATTR_DATA = 7
 IPSET_ATTR_ADT = 8
 IPSET_ATTR_LINENO = 9
@@ -578,6 +580,24 @@ class BulkWriter:
             if raw is not None and family in (socket.AF_INET, socket.AF_INET6):
                 out.append((index, socket.inet_ntop(family, raw)))
         return out
+
+    def set_type(self, name: str) -> str | None:
+        """The type of set ``name``, None if there is none (a header request: no entries)."""
+        payload = (struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+                   + nla(IPSET_ATTR_PROTOCOL, struct.pack("=B", IPSET_PROTOCOL))
+                   + nla(IPSET_ATTR_SETNAME, name.encode() + b"\0"))
+        try:
+            replies = self._sock(NETLINK_NETFILTER).request(
+                (NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_HEADER, 0, payload)
+        except BatchError as exc:
+            if exc.failures[0][1] == errno.ENOENT:
+                return None
+            raise
+        for body in replies:
+            raw = parse_attrs(body, 4).get(IPSET_ATTR_TYPENAME)
+            if raw is not None:
+                return raw.split(b"\0", 1)[0].decode()
+        return None
 
     def list_set(self, name: str, set_type: str) -> set[str]:
         """Entries of set ``name`` (a LIST dump parsed by hand; `BatchError` if it does not

@@ -229,6 +229,12 @@ class NetlinkKernel:
     def ensure_set(self, name: str, set_type: str, family: int) -> None:
         from kproxy_core.kernel import ipset
 
+        # A header request, not the shared helper's check, which lists every entry.
+        existing = self._bulk.set_type(name)
+        if existing == set_type:
+            return
+        if existing is not None:
+            raise ipset.IPSetError(f"ipset {name} exists with type {existing}, not {set_type}")
         ipset.create_set(name, set_type, family, comment=True, sock=self._set_sock())
 
     def list_set(self, name: str) -> set[str]:

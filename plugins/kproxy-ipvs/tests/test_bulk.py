@@ -124,6 +124,7 @@ def test_ipset_batches_add_and_delete_every_set_type(node: NetNS) -> None:
         writer.set_entries("MANY", "hash:ip,port", many)
         out["many"] = ipset.list_entries("MANY") == set(many) == writer.list_set(
             "MANY", "hash:ip,port")
+        out["types"] = (writer.set_type("MANY"), writer.set_type("T5"), writer.set_type("NONE"))
         try:
             writer.set_entries("MISSING", "hash:ip", ["10.0.0.1"])
         except bulk.BatchError as exc:
@@ -139,6 +140,7 @@ def test_ipset_batches_add_and_delete_every_set_type(node: NetNS) -> None:
             ipset.canonical_entry(set_type, entries[0])}, set_type
     assert out["six"] == out["six hand-parsed"] == {"fd00::10,tcp:80"}
     assert out["many"] is True
+    assert out["types"] == ("hash:ip,port", "bitmap:port", None)
     assert "ipset MISSING" in out["missing"] and "1 failed" in out["missing"]
 
 
