@@ -95,6 +95,13 @@ class NetlinkKernel:
         self._writer_kind = writer_kind
         self._writers: dict[int, Any] = {}
         self._ipset: Any = None
+        try:
+            # Set creation still goes through pyroute2: import it with the backend, not in
+            # the first sync (importing pyroute2 costs seconds, a minute in the emulated VM).
+            import pyroute2.ipset  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - a dependency
+            self._bulk.close()
+            raise BackendUnavailable(f"pyroute2 is missing ({exc}): pip install pyroute2") from exc
 
     def close(self) -> None:
         self._bulk.close()
