@@ -113,7 +113,15 @@ class Proxy:
             logger=logging.getLogger(f"kproxy.{self.mode}"),
             plugins=self.plugins,
             metrics=self.metrics,
+            request_sync=self._backend_requested_sync,
         )
+
+    def _backend_requested_sync(self) -> None:
+        # The backend is built before the runner; a request that early is covered by the
+        # first sync anyway.
+        runner: BoundedFrequencyRunner | None = getattr(self, "runner", None)
+        if runner is not None:
+            runner.request(Trigger.REQUESTED)
 
     def _make_backend(self) -> Backend:
         spec = self.plugins.modes().get(self.mode)

@@ -123,6 +123,10 @@ class BackendContext:
     #: metrics live there, and ``metrics.registry`` is a prometheus-client registry a mode can
     #: register its own collectors in (served on /metrics). None when not serving metrics.
     metrics: Metrics | None = None
+    #: Ask the core for a sync soon, from any thread (a backend's own monitor found the
+    #: dataplane damaged). Whether it is full is the backend's answer to ``needs_full_sync``.
+    #: None when the backend runs outside the core's sync loop (tests, embedders' own loops).
+    request_sync: Callable[[], None] | None = None
 
 
 class Backend(abc.ABC):

@@ -295,8 +295,8 @@ def test_xtables_lock_held_by_another_process(fc: FaultCluster) -> None:
     try:
         held = time.monotonic()
         c.apply(service_obj("b", b), endpoint_slice_obj("b", c.eps("pod-2-2")))
-        # iptables waits 5 s (-w 5) for the lock; held longer, the sync fails. Up to three
-        # lock waits precede the failure (canary check, chain check, -N), hence the timeout.
+        # iptables waits 5 s (-w 5) for the lock; held longer, the sync fails. Up to two
+        # lock waits precede the failure (chain check, -N), hence the timeout.
         eventually("a sync failed on the lock",
                    lambda: c.metric("kproxy_sync_errors_total") >= 1, timeout=40)
         first_error = time.monotonic() - held
@@ -364,11 +364,11 @@ def test_canary_removed_forces_a_full_sync(fc: FaultCluster) -> None:
         c.sb.node.run(["iptables-nft", "-t", table, "-X", "KUBE-PROXY-CANARY"])
     removed = time.monotonic()
     c.wait_not_answered(client, a, 80)
-    # The monitor notices off the sync path within one sync period, and the next sync
-    # after that (an unrelated change, or the periodic one) is a full one that repairs the
-    # flushed dispatch. A periodic full sync that comes before the monitor's next look
-    # repairs it first, and the monitor then finds the canaries back: either way the
-    # service must answer again within about one sync period.
+    # The monitor notices off the sync path within one sync period and asks the core for a
+    # sync at once, which is a full one that repairs the flushed dispatch. A periodic full
+    # sync that comes before the monitor's next look repairs it first, and the monitor then
+    # finds the canaries back: either way the service must answer again within about one
+    # sync period.
     eventually("the canary monitor noticed or a full sync repaired it", lambda: (
         "KUBE-PROXY-CANARY is gone" in c.log() or "KUBE-PROXY-CANARY" in c.saved()),
         timeout=45)

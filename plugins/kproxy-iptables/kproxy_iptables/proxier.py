@@ -10,8 +10,8 @@ service chains found in ``iptables-save``.
 The canary chains (``KUBE-PROXY-CANARY`` in mangle, nat and filter) are watched by a
 `CanaryMonitor` thread every sync period, as upstream's ``iptables.Monitor``: a sync never
 waits on ``iptables -S`` under the xtables lock for them. When one is gone (a firewall reload
-flushed the tables), the next sync is a full one, and the core is asked for it at once when it
-offers a way to (``BackendContext.request_sync``).
+flushed the tables), the next sync is a full one, and the core is asked for it at once
+(``BackendContext.request_sync``).
 """
 
 from __future__ import annotations
@@ -426,11 +426,9 @@ class IptablesProxier(Backend):
         self._canary_lost.set()
         self.context.logger.info("iptables canary chain %s is gone (tables flushed?): the "
                                  "next sync is a full one", R.KUBE_PROXY_CANARY)
-        # Not a BackendContext field yet: when the core offers one, the repair does not
-        # wait for the next change or periodic sync.
-        request_sync: Callable[[], None] | None = getattr(self.context, "request_sync", None)
-        if request_sync is not None:
-            request_sync()
+        # The repair does not wait for the next change or periodic sync.
+        if self.context.request_sync is not None:
+            self.context.request_sync()
 
     def close(self) -> None:
         self.canary_monitor.stop()
