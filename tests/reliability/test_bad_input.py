@@ -48,6 +48,7 @@ BAD_FLAGS = [
     (["--iptables-sync-period"], "--iptables-sync-period"),
     # Checked by the mode itself (it needs the algorithm registry): still a config error.
     (["--proxy-mode=userspace", "--userspace-algorithm=bogus"], "--userspace-algorithm"),
+    (["--proxy-mode=ipvs", "--ipvs-scheduler=bogus"], "--ipvs-scheduler"),
 ]
 
 #: (config file body, text the one error line must contain)

@@ -37,6 +37,7 @@ from kproxy_core.backend import (
 from kproxy_core.kernel.iptables import RestoreData, quote
 from kproxy_core.localtraffic import LocalTrafficDetector
 from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey
+from kproxy_core.options import ModeConfigError
 from kproxy_iptables import rules as R
 
 ROUTE_LOCALNET = "/proc/sys/net/ipv4/conf/all/route_localnet"
@@ -160,7 +161,7 @@ class IptablesProxier(Backend):
         try:
             self.settings = Settings(context.config)
         except ValueError as exc:
-            raise BackendUnavailable(f"iptables mode: {exc}") from None
+            raise ModeConfigError(f"iptables mode: {exc}") from None
         self.families = tuple(f for f in context.families if f in (4, 6))
         self._writers: dict[int, Any] = {}
         self._state = {family: _FamilyState() for family in self.families}

@@ -27,6 +27,7 @@ from kproxy_core.backend import (
 )
 from kproxy_core.localtraffic import LocalTrafficDetector
 from kproxy_core.model import ServicePortKey
+from kproxy_core.options import ModeConfigError
 from kproxy_ipvs import rules
 from kproxy_ipvs.netlink import DestStats, Kernel, NetlinkKernel
 from kproxy_ipvs.rules import PortState, RealServer, VirtualServer, VSKey
@@ -64,13 +65,14 @@ def resolve_scheduler(name: str, algorithms: Iterable[Any]) -> str:
     for spec in algorithms:
         if spec.name == name and name not in rules.KNOWN_SCHEDULERS:
             if spec.ipvs_scheduler is None:
-                raise BackendUnavailable(
-                    f"load-balancing algorithm {name!r} has no IPVS scheduler; choose one of "
-                    f"{', '.join(rules.KNOWN_SCHEDULERS)}")
+                raise ModeConfigError(
+                    f"--ipvs-scheduler: load-balancing algorithm {name!r} has no IPVS "
+                    f"scheduler; choose one of {', '.join(rules.KNOWN_SCHEDULERS)}")
             return str(spec.ipvs_scheduler)
     if name not in rules.KNOWN_SCHEDULERS:
-        raise BackendUnavailable(
-            f"unknown IPVS scheduler {name!r}; choose one of {', '.join(rules.KNOWN_SCHEDULERS)}")
+        raise ModeConfigError(
+            f"--ipvs-scheduler: unknown IPVS scheduler {name!r}; choose one of "
+            f"{', '.join(rules.KNOWN_SCHEDULERS)}")
     return name
 
 
@@ -97,11 +99,9 @@ class IpvsProxier(Backend):
                               for c in config_value(config, "ipvs.excludeCIDRs", ())]
         self.masquerade_all = bool(config_value(config, "iptables.masqueradeAll", False))
         self.masquerade_bit = int(config_value(config, "iptables.masqueradeBit", 14))
-        try:
-            # detectLocalMode is node semantics, decided in the core; this mode renders it.
-            self.local_traffic = LocalTrafficDetector(config)
-        except ValueError as exc:
-            raise BackendUnavailable(f"ipvs mode: {exc}") from None
+        # detectLocalMode is node semantics, decided in the core; this mode renders it (a bad
+        # value is the core's ModeConfigError).
+        self.local_traffic = LocalTrafficDetector(config)
         self.node_port_addresses = list(config_value(config, "nodePortAddresses", ()))
         self.families: tuple[int, ...] = tuple(sorted(set(context.families))) or (4,)
         self.kernel: Kernel = kernel if kernel is not None else NetlinkKernel()

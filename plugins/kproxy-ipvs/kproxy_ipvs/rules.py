@@ -124,9 +124,16 @@ SETS: tuple[SetSpec, ...] = (
 SETS_BY_NAME = {spec.name: spec for spec in SETS}
 
 
+#: The kernel's limit on an ipset name (IPSET_MAXNAMELEN - 1).
+IPSET_NAME_MAX = 31
+
+
 def set_name(base: str, family: int) -> str:
-    """Upstream's per-family name: IPv6 sets are ``KUBE-6-<rest>``."""
-    return base if family == 4 else "KUBE-6-" + base.removeprefix("KUBE-")
+    """Upstream's per-family name: IPv6 sets are ``KUBE-6-<rest>``, cut to the kernel's 31
+    characters as upstream cuts them (``KUBE-6-LOAD-BALANCER-SOURCE-CID``)."""
+    if family == 4:
+        return base
+    return ("KUBE-6-" + base.removeprefix("KUBE-"))[:IPSET_NAME_MAX]
 
 
 # (set, table, from chain, to, match type, protocol match): upstream ipsetWithIptablesChain.
