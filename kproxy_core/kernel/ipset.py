@@ -220,10 +220,10 @@ def create_set(name: str, set_type: str, family: int = 4, *, comment: bool = Fal
     if sock is None:
         with ipset_socket() as own:
             return create_set(name, set_type, family, comment=comment, sock=own)
-    existing = list_entries_typed(name, sock)
-    if existing is not None:
-        if existing[0] != set_type:
-            raise IPSetError(f"ipset {name} exists with type {existing[0]}, not {set_type}")
+    existing_type = set_type_of(name, sock)
+    if existing_type is not None:
+        if existing_type != set_type:
+            raise IPSetError(f"ipset {name} exists with type {existing_type}, not {set_type}")
         return False
     kwargs: dict[str, Any] = {"stype": set_type, "exclusive": True, "comment": comment}
     if set_type == "bitmap:port":
@@ -250,6 +250,22 @@ def destroy_set(name: str, sock: Any | None = None) -> bool:
     except Exception as exc:
         raise IPSetError(f"cannot destroy ipset {name}: {exc}") from exc
     return True
+
+
+def set_type_of(name: str, sock: Any) -> str | None:
+    """The type of set ``name``, or None if there is no such set. Asks for the set's header
+    only: listing a set of 10k entries to learn that it exists cost seconds."""
+    try:
+        messages = list(sock.headers(name))
+    except Exception as exc:
+        if "not exist" in str(exc).lower() or _code(exc) in (_ERR_NOT_EXIST, 2):
+            return None
+        raise IPSetError(f"cannot read the header of ipset {name}: {exc}") from exc
+    for message in messages:
+        set_type = message.get_attr("IPSET_ATTR_TYPENAME")
+        if set_type:
+            return str(set_type)
+    return None
 
 
 def list_entries_typed(name: str, sock: Any) -> tuple[str, set[str]] | None:
