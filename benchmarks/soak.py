@@ -360,9 +360,12 @@ def start_fixed_service(c: Cluster) -> list[subprocess.Popen[bytes]]:
     servers = []
     for name in FIXED_PODS:
         pod = c.pod(name)
+        # The endpoints are measuring instruments, not what is measured: at raised priority
+        # a saturated machine cannot make them accept late (a starved endpoint, seen in
+        # runs 3-4, says nothing about kproxy's dataplane).
         servers.append(pod.ns.spawn(
-            [sys.executable, str(Path(__file__).resolve()), "--serve-log", name,
-             str(LOG_PORT), str(c.workdir / f"serve-{name}.log")], stdout=subprocess.DEVNULL))
+            ["nice", "-n", "-10", sys.executable, str(Path(__file__).resolve()), "--serve-log",
+             name, str(LOG_PORT), str(c.workdir / f"serve-{name}.log")], stdout=subprocess.DEVNULL))
         wait_for_port(pod.ns, pod.ip, LOG_PORT, timeout=30)
     c.start_kproxy()
     install_counters(c)
