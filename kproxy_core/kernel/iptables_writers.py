@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Literal, Protocol, cast
 
@@ -178,14 +179,20 @@ def _detect(legacy: Sequence[str | None], nft: Sequence[str | None]) -> Backend:
         return "legacy"
     if not have_legacy:
         return "nft"
+    # The save commands run at once: each is a process start (seconds on a slow or emulated
+    # machine) and this runs on the first sync's critical path.
+    sides: tuple[tuple[Backend, Sequence[str | None]], ...] = (("legacy", legacy), ("nft", nft))
+    jobs = [binary for _name, binaries in sides for binary in binaries]
+    with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+        results = iter(list(pool.map(_count_rules, jobs)))
     counts: dict[Backend, tuple[int, int, bool]] = {}
-    for name, binaries in (("legacy", legacy), ("nft", nft)):
+    for name, binaries in sides:
         kube = total = 0
         hint = False
-        for binary in binaries:
-            k, t, h = _count_rules(binary)
+        for _binary in binaries:
+            k, t, h = next(results)
             kube, total, hint = kube + k, total + t, hint or h
-        counts[name] = (kube, total, hint)  # type: ignore[index]
+        counts[name] = (kube, total, hint)
     # Same order of evidence as iptables-wrappers: the hint chain kubelet leaves, then whose
     # rules look like Kubernetes', then who has any rules at all.
     if counts["nft"][2] != counts["legacy"][2]:
