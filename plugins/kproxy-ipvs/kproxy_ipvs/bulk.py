@@ -88,13 +88,18 @@ IFA_LOCAL = 2
 # ipset (linux/netfilter/ipset/ip_set.h).
 NFNL_SUBSYS_IPSET = 6
 IPSET_PROTOCOL = 6  # the oldest the kernel takes; ADD/DEL did not change since
+IPSET_CMD_CREATE = 2
 IPSET_CMD_LIST = 7
+IPSET_CMD_TYPE = 13
 IPSET_CMD_HEADER = 12
 IPSET_CMD_ADD = 9
 IPSET_CMD_DEL = 10
 IPSET_ATTR_PROTOCOL = 1
 IPSET_ATTR_SETNAME = 2
 IPSET_ATTR_TYPENAME = 3
+IPSET_ATTR_REVISION = 4
+IPSET_ATTR_FAMILY = 5
+IPSET_ATTR_FLAGS = 6
 IPSET_ATTR_DATA = 7
 IPSET_ATTR_ADT = 8
 IPSET_ATTR_LINENO = 9
@@ -102,6 +107,11 @@ IPSET_ATTR_IP = 1
 IPSET_ATTR_CIDR = 3
 IPSET_ATTR_PORT = 4
 IPSET_ATTR_PROTO = 7
+IPSET_ATTR_PORT_FROM = 4
+IPSET_ATTR_PORT_TO = 5
+IPSET_ATTR_CADT_FLAGS = 8
+IPSET_FLAG_LIST_HEADER = 1 << 2
+IPSET_FLAG_WITH_COMMENT = 1 << 4
 IPSET_ATTR_IP2 = 20
 IPSET_ATTR_CIDR2 = 21
 IPSET_ATTR_IPADDR_IPV4 = 1
@@ -214,6 +224,36 @@ def ipset_entry_attrs(set_type: str, entry: str) -> bytes:
     else:
         raise ValueError(f"unsupported ipset type {set_type!r}")
     return nested(IPSET_ATTR_DATA, *out)
+
+
+def _ipset_head(name: str | None, family: int = socket.AF_UNSPEC) -> bytes:
+    head = (struct.pack("=BBH", family, 0, 0)
+            + nla(IPSET_ATTR_PROTOCOL, struct.pack("=B", IPSET_PROTOCOL)))
+    return head if name is None else head + nla(IPSET_ATTR_SETNAME, name.encode() + b"\0")
+
+
+def set_nfproto(family: int) -> int:
+    return NFPROTO_IPV6 if family == 6 else NFPROTO_IPV4
+
+
+def ipset_type_payload(set_type: str, family: int) -> bytes:
+    """IPSET_CMD_TYPE: which revisions of ``set_type`` the kernel has (loads its module)."""
+    return (_ipset_head(None) + nla(IPSET_ATTR_TYPENAME, set_type.encode() + b"\0")
+            + nla(IPSET_ATTR_FAMILY, struct.pack("=B", set_nfproto(family))))
+
+
+def ipset_create_payload(name: str, set_type: str, family: int, revision: int) -> bytes:
+    """IPSET_CMD_CREATE of a set with the comment extension, as ``ipset create NAME TYPE
+    family inet[6] comment`` (``range 0-65535`` for bitmap:port)."""
+    data = [nla(IPSET_ATTR_CADT_FLAGS | NLA_F_NET_BYTEORDER,
+                struct.pack("!I", IPSET_FLAG_WITH_COMMENT))]
+    if set_type == "bitmap:port":
+        data += [nla(IPSET_ATTR_PORT_FROM | NLA_F_NET_BYTEORDER, struct.pack("!H", 0)),
+                 nla(IPSET_ATTR_PORT_TO | NLA_F_NET_BYTEORDER, struct.pack("!H", 65535))]
+    return (_ipset_head(name) + nla(IPSET_ATTR_TYPENAME, set_type.encode() + b"\0")
+            + nla(IPSET_ATTR_REVISION, struct.pack("=B", revision))
+            + nla(IPSET_ATTR_FAMILY, struct.pack("=B", set_nfproto(family)))
+            + nested(IPSET_ATTR_DATA, *data))
 
 
 def ipset_payloads(name: str, set_type: str, entries: Sequence[str]) -> Iterator[bytes]:
@@ -581,11 +621,55 @@ class BulkWriter:
                 out.append((index, socket.inet_ntop(family, raw)))
         return out
 
+    def set_types(self) -> dict[str, str]:
+        """Name -> type of every set in the namespace (one header-only LIST dump: no
+        entries)."""
+        payload = _ipset_head(None) + nla(IPSET_ATTR_FLAGS | NLA_F_NET_BYTEORDER,
+                                          struct.pack("!I", IPSET_FLAG_LIST_HEADER))
+        replies = self._sock(NETLINK_NETFILTER).dump((NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_LIST,
+                                                     payload, "listing ipsets")
+        out: dict[str, str] = {}
+        for body in replies:
+            attrs = parse_attrs(body, 4)
+            name, kind = attrs.get(IPSET_ATTR_SETNAME), attrs.get(IPSET_ATTR_TYPENAME)
+            if name is not None and kind is not None:
+                out[name.split(b"\0", 1)[0].decode()] = kind.split(b"\0", 1)[0].decode()
+        return out
+
+    def set_revision(self, set_type: str, family: int) -> int:
+        """The newest revision of ``set_type`` this kernel has (what ``ipset create`` uses)."""
+        try:
+            replies = self._sock(NETLINK_NETFILTER).request(
+                (NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_TYPE, 0,
+                ipset_type_payload(set_type, family))
+        except BatchError as exc:
+            raise BatchError(f"ipset type {set_type}", exc.failures) from None
+        for body in replies:
+            raw = parse_attrs(body, 4).get(IPSET_ATTR_REVISION)
+            if raw is not None:
+                return raw[0]
+        raise SyncError(f"ipset type {set_type}: the kernel named no revision")
+
+    def create_sets(self, sets: Sequence[tuple[str, str, int]]) -> int:
+        """Create (name, type, family) sets with the comment extension: one type query per
+        type, then every create in one pipelined send. A same set already there is no
+        failure (no NLM_F_EXCL: ipset's -exist)."""
+        revisions: dict[tuple[str, int], int] = {}
+        for _name, set_type, family in sets:
+            key = (set_type, 4 if set_type == "bitmap:port" else family)
+            if key not in revisions:
+                revisions[key] = self.set_revision(*key)
+        kind = (NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_CREATE
+        return self._sock(NETLINK_NETFILTER).send(
+            ((kind, 0, ipset_create_payload(
+                name, set_type, family,
+                revisions[(set_type, 4 if set_type == "bitmap:port" else family)]),
+              f"ipset {name} ({set_type})")
+             for name, set_type, family in sets), "creating ipsets")
+
     def set_type(self, name: str) -> str | None:
         """The type of set ``name``, None if there is none (a header request: no entries)."""
-        payload = (struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
-                   + nla(IPSET_ATTR_PROTOCOL, struct.pack("=B", IPSET_PROTOCOL))
-                   + nla(IPSET_ATTR_SETNAME, name.encode() + b"\0"))
+        payload = _ipset_head(name)
         try:
             replies = self._sock(NETLINK_NETFILTER).request(
                 (NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_HEADER, 0, payload)
@@ -602,9 +686,7 @@ class BulkWriter:
     def list_set(self, name: str, set_type: str) -> set[str]:
         """Entries of set ``name`` (a LIST dump parsed by hand; `BatchError` if it does not
         exist)."""
-        payload = (struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
-                   + nla(IPSET_ATTR_PROTOCOL, struct.pack("=B", IPSET_PROTOCOL))
-                   + nla(IPSET_ATTR_SETNAME, name.encode() + b"\0"))
+        payload = _ipset_head(name)
         replies = self._sock(NETLINK_NETFILTER).dump((NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_LIST,
                                                      payload, f"listing ipset {name}")
         out: set[str] = set()

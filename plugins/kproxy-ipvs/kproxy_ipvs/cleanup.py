@@ -95,5 +95,6 @@ def _cleanup_without_ipvs(logger: logging.Logger) -> list[str]:
             return getattr(NetlinkKernel, name).__get__(self)
 
     shim: Any = _NoIpvs.__new__(_NoIpvs)
-    shim.__dict__.update({"_writer_kind": "restore", "_writers": {}, "_ipset": None})
+    shim.__dict__.update({"_writer_kind": "restore", "_writers": {}, "_ipset": None,
+                          "_prepare": None})
     return _iptables_and_sets(shim, logger)

@@ -1,7 +1,7 @@
 """The kernel side of IPVS mode behind one small interface (`Kernel`), so that the proxier's
 diffing logic is tested against `FakeKernel` (tests) and runs against `NetlinkKernel`
-(hand-encoded netlink for IPVS and for address and set-entry writes, `kproxy_ipvs.bulk`;
-pyroute2 for set management; iptables through the core writer).
+(hand-encoded netlink for IPVS, links, addresses and our sets, `kproxy_ipvs.bulk`;
+pyroute2 only to list or destroy other sets at cleanup; iptables through the core writer).
 
 Everything acts on the network namespace of the calling thread.
 """
@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 from typing import Protocol as _Interface
@@ -53,11 +54,13 @@ class Kernel(_Interface):
     def del_address(self, device: str, address: str) -> None: ...
     def local_addresses(self, exclude_device: str) -> list[str]: ...
     def ensure_set(self, name: str, set_type: str, family: int) -> None: ...
+    def ensure_sets(self, sets: Sequence[tuple[str, str, int]]) -> int: ...
     def list_set(self, name: str) -> set[str]: ...
     def add_entry(self, name: str, set_type: str, entry: str) -> None: ...
     def del_entry(self, name: str, set_type: str, entry: str) -> None: ...
     def destroy_set(self, name: str) -> bool: ...
     def list_set_names(self) -> list[str]: ...
+    def prepare_iptables(self, families: Sequence[int]) -> None: ...
     def restore(self, data: RestoreData) -> float: ...
     def ensure_jump(self, family: int, table: str, chain: str, args: list[str]) -> None: ...
     def ensure_jumps(self, family: int, jumps: Sequence[tuple[str, str, list[str]]]
@@ -80,8 +83,12 @@ def _modules_hint() -> str:
 
 class NetlinkKernel:
     """`Kernel` over netlink sockets opened in the calling thread's network namespace: IPVS,
-    links, addresses and set entries hand-encoded (`kproxy_ipvs.bulk`, sockets kept open);
-    set creation and listing other sets through pyroute2; iptables through the core writer."""
+    links, addresses, our sets and their entries hand-encoded (`kproxy_ipvs.bulk`, sockets
+    kept open); listing and destroying other sets through pyroute2 (cleanup); iptables
+    through the core writer, prepared in the background (`prepare_iptables`)."""
+
+    #: The writers' background preparation (`prepare_iptables`), until `_writer` joined it.
+    _prepare: threading.Thread | None = None
 
     def __init__(self, writer_kind: str = "restore") -> None:
         self._bulk = bulk.BulkWriter()
@@ -95,13 +102,6 @@ class NetlinkKernel:
         self._writer_kind = writer_kind
         self._writers: dict[int, Any] = {}
         self._ipset: Any = None
-        try:
-            # Set creation still goes through pyroute2: import it with the backend, not in
-            # the first sync (importing pyroute2 costs seconds, a minute in the emulated VM).
-            import pyroute2.ipset  # noqa: F401
-        except ImportError as exc:  # pragma: no cover - a dependency
-            self._bulk.close()
-            raise BackendUnavailable(f"pyroute2 is missing ({exc}): pip install pyroute2") from exc
 
     def close(self) -> None:
         self._bulk.close()
@@ -242,7 +242,24 @@ class NetlinkKernel:
             return
         if existing is not None:
             raise ipset.IPSetError(f"ipset {name} exists with type {existing}, not {set_type}")
-        ipset.create_set(name, set_type, family, comment=True, sock=self._set_sock())
+        self._bulk.create_sets([(name, set_type, family)])
+
+    def ensure_sets(self, sets: Sequence[tuple[str, str, int]]) -> int:
+        """Every (name, type, family) set there, the missing ones created in one pipelined
+        send; an existing set of another type is an error. Returns how many were created."""
+        from kproxy_core.kernel import ipset
+
+        existing = self._bulk.set_types()
+        missing: list[tuple[str, str, int]] = []
+        for name, set_type, family in sets:
+            have = existing.get(name)
+            if have is None:
+                missing.append((name, set_type, family))
+            elif have != set_type:
+                raise ipset.IPSetError(f"ipset {name} exists with type {have}, not {set_type}")
+        if missing:
+            self._bulk.create_sets(missing)
+        return len(missing)
 
     def list_set(self, name: str) -> set[str]:
         set_type = _SET_TYPES.get(name)
@@ -274,7 +291,34 @@ class NetlinkKernel:
 
     # -- iptables ----------------------------------------------------------------------------
 
+    def prepare_iptables(self, families: Sequence[int]) -> None:
+        """Build the iptables writers in a background thread (the core's first-use backend
+        detection runs four ``iptables-*-save`` commands: seconds on a slow machine), so it
+        overlaps the netlink work of the first sync. `_writer` waits for it. A failure here
+        is left for the sync's own call to raise again."""
+        if self._prepare is not None:
+            return
+
+        def build() -> None:
+            for family in families:
+                try:
+                    self._build_writer(family)
+                except Exception:  # the sync's own call raises it again
+                    continue
+
+        # A thread shares the network namespace of the thread that starts it.
+        self._prepare = threading.Thread(target=build, daemon=True,
+                                         name="kproxy-ipvs-iptables-prepare")
+        self._prepare.start()
+
     def _writer(self, family: int) -> Any:
+        preparing = self._prepare
+        if preparing is not None and preparing is not threading.current_thread():
+            preparing.join()
+            self._prepare = None
+        return self._build_writer(family)
+
+    def _build_writer(self, family: int) -> Any:
         writer = self._writers.get(family)
         if writer is None:
             from kproxy_core.kernel.iptables_writers import make_writer

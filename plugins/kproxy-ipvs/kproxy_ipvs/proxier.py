@@ -105,6 +105,9 @@ class IpvsProxier(Backend):
         self.node_port_addresses = list(config_value(config, "nodePortAddresses", ()))
         self.families: tuple[int, ...] = tuple(sorted(set(context.families))) or (4,)
         self.kernel: Kernel = kernel if kernel is not None else NetlinkKernel()
+        # The iptables writers (the core detects the backend on first use: four save
+        # commands) get ready while the first sync does its netlink work.
+        self.kernel.prepare_iptables(self.families)
         self._ports: dict[ServicePortKey, PortState] = {}
         self._services: dict[VSKey, tuple[VirtualServer, frozenset[RealServer]]] = {}
         #: Real servers over ``_services`` (kept up to date: a partial sync stays O(changed)).
@@ -308,10 +311,14 @@ class IpvsProxier(Backend):
         return flipped_addresses, flipped_entries
 
     def _ensure_infrastructure(self) -> None:
-        self.kernel.ensure_dummy(rules.DUMMY_DEVICE)
-        for family in self.families:
-            for spec in rules.SETS:
-                self.kernel.ensure_set(rules.set_name(spec.name, family), spec.type, family)
+        sets = [(rules.set_name(spec.name, family), spec.type, family)
+                for family in self.families for spec in rules.SETS]
+
+        def ensure_sets() -> None:
+            self.kernel.ensure_sets(sets)
+
+        # Separate subsystems, each maybe loading kernel modules (dummy, ipset types): at once.
+        _concurrently([lambda: self.kernel.ensure_dummy(rules.DUMMY_DEVICE), ensure_sets])
 
     def _full_sync(self, request: SyncRequest) -> float:
         self._ensure_infrastructure()
@@ -376,15 +383,22 @@ class IpvsProxier(Backend):
                     self.kernel.add_entries(name, set_type, entries)
 
             bulk_jobs.append(add_entries)
-        _concurrently(bulk_jobs)
-        # iptables: our chains first (the restore creates them), then the jumps to them.
+        # iptables: our chains first (the restore creates them), then the jumps to them. The
+        # rules depend on which sets are non-empty, not on their entries, and the sets exist:
+        # they go in alongside the bulk netlink writes (processes, not this one's CPU).
         self._rules_text = {}
         self._rules_inputs = {}
-        elapsed = self._write_rules()
-        for family in self.families:
-            self.kernel.ensure_jumps(family, [(table, chain, rules.jump_args(target, comment))
-                                              for table, chain, target, comment in rules.JUMPS])
-        return elapsed
+        elapsed: list[float] = []
+
+        def iptables() -> None:
+            elapsed.append(self._write_rules())
+            for family in self.families:
+                self.kernel.ensure_jumps(family, [
+                    (table, chain, rules.jump_args(target, comment))
+                    for table, chain, target, comment in rules.JUMPS])
+
+        _concurrently([iptables, *bulk_jobs])
+        return elapsed[0] if elapsed else 0.0
 
     def _sync_reals(self, key: VSKey, desired: frozenset[RealServer],
                     current: Mapping[RealServer, int], *, is_new: bool) -> None:

@@ -24,6 +24,7 @@ class FakeKernel:
         self.local = ["10.99.0.1", "192.168.5.5"]
         self.writes: list[str] = []
         self.bulk_calls = 0
+        self.prepared: tuple[int, ...] = ()
         self.schedulers = {"rr", "lc", "wrr", "sh", "mh"}
 
     def _w(self, what: str) -> None:
@@ -106,6 +107,16 @@ class FakeKernel:
     def ensure_set(self, name: str, set_type: str, family: int) -> None:
         self.sets.setdefault(name, (set_type, set()))
 
+    def ensure_sets(self, sets: Sequence[tuple[str, str, int]]) -> int:
+        created = 0
+        for name, set_type, family in sets:
+            have = self.sets.get(name)
+            if have is not None and have[0] != set_type:
+                raise ipset.IPSetError(f"ipset {name} exists with type {have[0]}")
+            created += have is None
+            self.ensure_set(name, set_type, family)
+        return created
+
     def list_set(self, name: str) -> set[str]:
         return set(self.sets[name][1])
 
@@ -123,6 +134,9 @@ class FakeKernel:
 
     def list_set_names(self) -> list[str]:
         return list(self.sets)
+
+    def prepare_iptables(self, families: Sequence[int]) -> None:
+        self.prepared = tuple(families)
 
     def restore(self, data: RestoreData) -> float:
         self.restored.append(data)

@@ -13,6 +13,7 @@ import pytest
 from kproxy_ipvs import bulk
 from kproxy_ipvs.rules import RealServer, VirtualServer, VSKey
 
+from kproxy_core.kernel import ipset
 from kproxy_core.testing.innetns import in_netns
 from kproxy_core.testing.netns import NetNS, Sandbox
 
@@ -145,6 +146,53 @@ def test_ipset_batches_add_and_delete_every_set_type(node: NetNS) -> None:
 
 
 @pytest.mark.root
+def test_sets_created_in_one_batch_as_ipset_create_makes_them(node: NetNS) -> None:
+    """create_sets makes every type with the comment extension (what ``ipset create ...
+    comment`` makes), both families; set_types lists them from headers; a set already there
+    is no failure; a bad type names the set."""
+
+    def run() -> dict[str, Any]:
+        writer = bulk.BulkWriter()
+        wanted = [(f"C{index}", set_type, 4) for index, set_type in enumerate(SETS)]
+        wanted.append(("C6", "hash:ip,port", 6))
+        for index, set_type in enumerate(SETS):  # the earlier path, for comparison
+            ipset.create_set(f"P{index}", set_type, 4, comment=True)
+        out: dict[str, Any] = {"sent": writer.create_sets(wanted),
+                               "again": writer.create_sets(wanted[:2]),
+                               "types": writer.set_types()}
+        for name, set_type, _family in wanted:
+            entries = SETS[set_type] if name != "C6" else ["fd00::10,tcp:80"]
+            writer.set_entries(name, set_type, entries)
+            out[name] = writer.list_set(name, set_type)
+        try:
+            writer.create_sets([("BAD", "hash:nope", 4)])
+        except bulk.BatchError as exc:
+            out["bad"] = str(exc)
+        writer.close()
+        return out
+
+    def header(name: str) -> list[str]:
+        line = next(line for line in saved if line.startswith(f"create {name} "))
+        words = line.split()[2:]
+        if "initval" in words:  # random per set
+            del words[words.index("initval"):words.index("initval") + 2]
+        return words
+
+    out = in_netns(node.name, run, timeout=60)
+    assert out["sent"] == len(SETS) + 1 and out["again"] == 2
+    assert out["types"] == {**{f"C{i}": t for i, t in enumerate(SETS)}, "C6": "hash:ip,port",
+                            **{f"P{i}": t for i, t in enumerate(SETS)}}
+    saved = node.run(["ipset", "save"]).stdout.splitlines()
+    for index, set_type in enumerate(SETS):
+        assert header(f"C{index}")[0] == set_type and "comment" in header(f"C{index}")
+        assert header(f"C{index}") == header(f"P{index}")
+        assert out[f"C{index}"] == {ipset.canonical_entry(set_type, e) for e in SETS[set_type]}
+    assert "inet6" in header("C6")
+    assert out["C6"] == {"fd00::10,tcp:80"}
+    assert "hash:nope" in out["bad"]
+
+
+@pytest.mark.root
 def test_address_batches_add_replace_and_delete(node: NetNS) -> None:
     addresses = [f"10.96.{i // 250}.{i % 250 + 1}" for i in range(600)] + ["fd00:96::10"]
 
@@ -192,6 +240,7 @@ def test_links_and_jumps_through_the_netlink_kernel() -> None:
         kernel = NetlinkKernel.__new__(NetlinkKernel)  # no IPVS on this host: skip its probe
         kernel._bulk, kernel._writer_kind = writer, "restore"
         kernel._writers, kernel._ipset = {}, None
+        kernel.prepare_iptables([4])  # the writers built in the background; restore waits
         data = RestoreData(4)
         for table, chain in {("nat", "KUBE-SERVICES"), ("nat", "KUBE-POSTROUTING"),
                              ("filter", "KUBE-FORWARD"), ("filter", "KUBE-NODE-PORT"),
