@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from kproxy_core.backend import SyncError
 from kproxy_core.model import Protocol
@@ -527,6 +528,20 @@ def genl_family_id(batcher: NetlinkBatcher, name: str) -> int:
     raise OSError(errno.ENOENT, f"generic netlink family {name} not found")
 
 
+def set_revision(batcher: NetlinkBatcher, set_type: str, family: int) -> int:
+    """The newest revision of ``set_type`` this kernel has (what ``ipset create`` uses)."""
+    try:
+        replies = batcher.request((NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_TYPE, 0,
+                                  ipset_type_payload(set_type, family))
+    except BatchError as exc:
+        raise BatchError(f"ipset type {set_type}", exc.failures) from None
+    for body in replies:
+        raw = parse_attrs(body, 4).get(IPSET_ATTR_REVISION)
+        if raw is not None:
+            return raw[0]
+    raise SyncError(f"ipset type {set_type}: the kernel named no revision")
+
+
 class BulkWriter:
     """The bulk paths of `kproxy_ipvs.netlink.NetlinkKernel` (sockets opened lazily)."""
 
@@ -636,29 +651,23 @@ class BulkWriter:
                 out[name.split(b"\0", 1)[0].decode()] = kind.split(b"\0", 1)[0].decode()
         return out
 
-    def set_revision(self, set_type: str, family: int) -> int:
-        """The newest revision of ``set_type`` this kernel has (what ``ipset create`` uses)."""
-        try:
-            replies = self._sock(NETLINK_NETFILTER).request(
-                (NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_TYPE, 0,
-                ipset_type_payload(set_type, family))
-        except BatchError as exc:
-            raise BatchError(f"ipset type {set_type}", exc.failures) from None
-        for body in replies:
-            raw = parse_attrs(body, 4).get(IPSET_ATTR_REVISION)
-            if raw is not None:
-                return raw[0]
-        raise SyncError(f"ipset type {set_type}: the kernel named no revision")
-
     def create_sets(self, sets: Sequence[tuple[str, str, int]]) -> int:
         """Create (name, type, family) sets with the comment extension: one type query per
-        type, then every create in one pipelined send. A same set already there is no
-        failure (no NLM_F_EXCL: ipset's -exist)."""
-        revisions: dict[tuple[str, int], int] = {}
-        for _name, set_type, family in sets:
-            key = (set_type, 4 if set_type == "bitmap:port" else family)
-            if key not in revisions:
-                revisions[key] = self.set_revision(*key)
+        type (at once: each may load the type's module), then every create in one pipelined
+        send. A same set already there is no failure (no NLM_F_EXCL: ipset's -exist)."""
+        keys = list(dict.fromkeys((set_type, 4 if set_type == "bitmap:port" else family)
+                                  for _name, set_type, family in sets))
+
+        def query(key: tuple[str, int]) -> int:
+            # One socket per thread (a batcher is not shared); threads share this namespace.
+            sock = NetlinkBatcher(NETLINK_NETFILTER)
+            try:
+                return set_revision(sock, *key)
+            finally:
+                sock.close()
+
+        with ThreadPoolExecutor(max_workers=max(1, len(keys))) as pool:
+            revisions = dict(zip(keys, pool.map(query, keys), strict=True))
         kind = (NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_CREATE
         return self._sock(NETLINK_NETFILTER).send(
             ((kind, 0, ipset_create_payload(

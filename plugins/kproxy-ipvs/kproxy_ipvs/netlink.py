@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from typing import Protocol as _Interface
 
@@ -338,8 +339,10 @@ class NetlinkKernel:
         rule (every command start costs; in the emulated VM, seconds). Returns how many
         were inserted."""
         writer = self._writer(family)
-        saved = {table: set(writer.save(table).splitlines())
-                 for table in dict.fromkeys(table for table, _chain, _args in jumps)}
+        tables = list(dict.fromkeys(table for table, _chain, _args in jumps))
+        with ThreadPoolExecutor(max_workers=max(1, len(tables))) as pool:  # processes: at once
+            saved = {table: set(text.splitlines())
+                     for table, text in zip(tables, pool.map(writer.save, tables), strict=True)}
         missing: dict[str, list[str]] = {}
         for table, chain, args in jumps:
             rendered = " ".join(quote(arg) for arg in args)
