@@ -15,7 +15,7 @@ from kproxy_ipvs.netlink import DestStats
 from kproxy_ipvs.proxier import IpvsProxier, resolve_scheduler
 from kproxy_ipvs.rules import RealServer, VSKey
 
-from kproxy_core.backend import BackendUnavailable
+from kproxy_core.backend import BackendUnavailable, SyncError
 from kproxy_core.options import OptionRegistry
 
 CONFIG = {"clusterCIDR": "10.244.0.0/16"}
@@ -297,6 +297,19 @@ def test_first_sync_adds_new_objects_in_bulk_and_counts_each() -> None:
     assert result.counters["address_add"] == 40
     assert result.counters["set_entry_add"] == 80  # KUBE-CLUSTER-IP and KUBE-IPVS-IPS
     assert result.objects_written == len(kernel.writes) + 1
+
+
+def test_iptables_prepared_at_construction_and_every_set_ensured_in_one_call() -> None:
+    proxier, kernel = make(families=(4, 6))
+    assert kernel.prepared == (4, 6)  # the writers get ready before the first sync
+    kernel.sets["KUBE-CLUSTER-IP"] = ("hash:ip", set())  # someone else's set of another type
+    with pytest.raises(SyncError, match="KUBE-CLUSTER-IP"):
+        proxier.sync(request(view(WEB)))
+    del kernel.sets["KUBE-CLUSTER-IP"]
+    proxier.sync(request(view(WEB)))
+    assert set(kernel.sets) == {rules.set_name(spec.name, family)
+                                for spec in rules.SETS for family in (4, 6)}
+    assert kernel.restored and kernel.jumps
 
 
 def test_ipv6_sets_use_the_kube_6_prefix() -> None:
