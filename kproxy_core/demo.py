@@ -34,6 +34,7 @@ import attrs
 import yaml
 
 from kproxy_core.testing.netns import CLUSTER_CIDR, ClusterSandbox, NetNS, Pod
+from kproxy_core.testing.timescale import scaled
 
 HEALTHZ = "127.0.0.1:10256"
 METRICS = "127.0.0.1:10249"
@@ -298,11 +299,12 @@ class Demo:
                 raise DemoFailed(f"kproxy exited with status {self.kproxy.returncode}")
             return http_get(node, f"http://{HEALTHZ}/healthz")[0] == 200
 
-        took = wait_until("kproxy /healthz", healthy, timeout=30)
+        took = wait_until("kproxy /healthz", healthy, timeout=scaled(30))
         self.out(f"  /healthz answers 200 after {took:.1f}s")
         pod = self.sandbox.pods[0]
         took = wait_until("first request through the ClusterIP",
-                          lambda: _answered(requests(pod.ns, "10.96.0.10", 80)[0]), timeout=30)
+                          lambda: _answered(requests(pod.ns, "10.96.0.10", 80)[0]),
+                          timeout=scaled(30))
         self.out(f"  service rules are programmed ({took:.1f}s more)")
         status, mode = http_get(node, f"http://{METRICS}/proxyMode")
         if status == 200:
@@ -363,7 +365,8 @@ class Demo:
             # Two clean rounds of 8: a stale rule set would hit the gone pod with p ≈ 0.998.
             return clean_rounds >= 2
 
-        took = wait_until(f"'web' without {gone.name}", converged, timeout=30, interval=0.1)
+        took = wait_until(f"'web' without {gone.name}", converged, timeout=scaled(30),
+                          interval=0.1)
         self.out(f"  converged: no request reaches {gone.name} any more "
                  f"({took:.1f}s after the manifest changed; includes the manifest poll)")
         self.show("  after the change", src.ns, src.name, "10.96.0.10", 80, 6)
@@ -381,9 +384,9 @@ class Demo:
                      "relays every connection, so traffic stops with it")
         os.killpg(self.kproxy.pid, signal.SIGTERM)
         try:
-            code = self.kproxy.wait(timeout=15)
+            code = self.kproxy.wait(timeout=scaled(15))
         except subprocess.TimeoutExpired as exc:
-            raise DemoFailed("kproxy did not exit within 15s of SIGTERM") from exc
+            raise DemoFailed(f"kproxy did not exit within {scaled(15):.0f}s of SIGTERM") from exc
         self.out(f"  kproxy exited with status {code}")
         if code != 0:
             self.failures.append(f"kproxy exited {code} on SIGTERM")
@@ -396,7 +399,7 @@ class Demo:
 
         argv = [*kproxy_command(), "--cleanup"]
         self.out(f"\n8. Removing everything kproxy programmed: $ {shlex.join(argv)}")
-        proc = sb.node.run(argv, check=False, timeout=60)
+        proc = sb.node.run(argv, check=False, timeout=scaled(60))
         # One line per removed object is noise here; the summary line says it all.
         shown = proc.stdout.strip().splitlines()[-1:] or proc.stderr.strip().splitlines()[-5:]
         for line in shown:

@@ -35,6 +35,8 @@ from typing import Self
 
 import attrs
 
+from kproxy_core.testing.timescale import scaled
+
 _counter = itertools.count()
 
 CLUSTER_CIDR = "10.244.0.0/16"
@@ -203,6 +205,15 @@ class ClusterSandbox(Sandbox):
             self.close()
             raise
 
+    def netns(self, role: str) -> NetNS:
+        ns = super().netns(role)
+        if self.ipv6:
+            # Link-local addresses of new links are tentative for a second or two (DAD), and
+            # neighbour discovery waits for them: the first packets would be lost.
+            for scope in ("all", "default"):
+                ns.sysctl(f"net.ipv6.conf.{scope}.accept_dad", "0")
+        return ns
+
     def _host(self, role: str, host_id: int) -> NetNS:
         ns = self.netns(role)
         peer = f"l{host_id}"
@@ -265,13 +276,13 @@ class ClusterSandbox(Sandbox):
         return pod
 
     def start_echo(self, pod: Pod, *, tcp_port: int = 8080, udp_port: int | None = 8080,
-                   timeout: float = 10) -> None:
+                   timeout: float | None = None) -> None:
         """Start the echo server (`kproxy_core.testing.echo`) in a pod and wait until it listens."""
         args = ["serve", "--name", pod.name, "--tcp", str(tcp_port)]
         if udp_port is not None:
             args += ["--udp", str(udp_port)]
         pod.ns.python("kproxy_core.testing.echo", *args, stdout=subprocess.DEVNULL)
-        wait_for_port(pod.ns, pod.ip, tcp_port, timeout)
+        wait_for_port(pod.ns, pod.ip, tcp_port, scaled(10) if timeout is None else timeout)
 
 
 def wait_for_port(ns: NetNS, ip: str, port: int, timeout: float = 10) -> None:

@@ -29,6 +29,7 @@ from e2e_netns import NetnsThread
 from kproxy_core.demo import Ep, kproxy_command, node_obj
 from kproxy_core.testing import echo
 from kproxy_core.testing.netns import CLUSTER_CIDR, ClusterSandbox, NetNS, Pod
+from kproxy_core.testing.timescale import in_vm, scaled, time_scale
 
 T = TypeVar("T")
 
@@ -37,40 +38,9 @@ HEALTHZ = "127.0.0.1:10256"
 METRICS = "127.0.0.1:10249"
 
 
-def in_vm() -> bool:
-    """Whether this runs in the VM of `kproxy_core.testing.vm` (the ipvs-vm env)."""
-    return os.environ.get("KPROXY_IN_VM") == "1"
-
-
-def _time_scale() -> float:
-    """One factor for every timeout of the e2e and reliability suites.
-
-    In the virtme-ng VM (``KPROXY_IN_VM=1``, set by `kproxy_core.testing.vm`) the guest CPU is
-    emulated by QEMU TCG: Python starts and runs several times slower there than on the host
-    (measured: see docs/modes/ipvs.md, "Testing"), so kproxy's start, a sync and even an echo
-    round trip take that much longer. ``KPROXY_E2E_TIME_SCALE`` overrides it (a slow host);
-    on the host the factor is 1, so a real slowdown still fails there."""
-    raw = os.environ.get("KPROXY_E2E_TIME_SCALE")
-    if raw:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"KPROXY_E2E_TIME_SCALE must be a number, got {raw!r}") from None
-        if value < 1:
-            raise ValueError(f"KPROXY_E2E_TIME_SCALE must be >= 1, got {raw!r}")
-        return value
-    return VM_TIME_SCALE if in_vm() else 1.0
-
-
-#: The factor in the VM: QEMU TCG runs this suite's Python about this many times slower.
-VM_TIME_SCALE = 6.0
-TIME_SCALE = _time_scale()
-
-
-def scaled(seconds: float) -> float:
-    """``seconds`` on the host; longer by `TIME_SCALE` where everything runs slower."""
-    return seconds * TIME_SCALE
-
+#: One factor for every timeout of the e2e and reliability suites (see
+#: `kproxy_core.testing.timescale`).
+TIME_SCALE = time_scale()
 
 #: How long a change may take to show in traffic: manifest/watch delivery, the min sync
 #: period (100 ms in these tests) and the sync itself, with a wide margin for a loaded machine.

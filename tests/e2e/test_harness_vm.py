@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from e2e_harness import VM_TIME_SCALE, _time_scale, mode_problem, must_not_skip
+from e2e_harness import mode_problem, must_not_skip
+
+from kproxy_core.testing.timescale import VM_TIME_SCALE
+from kproxy_core.testing.timescale import time_scale as _time_scale
 
 
 def test_time_scale_is_one_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
