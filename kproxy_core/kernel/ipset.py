@@ -252,16 +252,21 @@ def destroy_set(name: str, sock: Any | None = None) -> bool:
     return True
 
 
-def set_type_of(name: str, sock: Any) -> str | None:
-    """The type of set ``name``, or None if there is no such set. Asks for the set's header
-    only: listing a set of 10k entries to learn that it exists cost seconds."""
+def _messages_of(name: str, request: Any, what: str) -> list[Any] | None:
+    """The kernel's answer to ``request(name)`` (a list or header dump), or None if there is
+    no such set."""
     try:
-        messages = list(sock.headers(name))
+        return list(request(name))
     except Exception as exc:
         if "not exist" in str(exc).lower() or _code(exc) in (_ERR_NOT_EXIST, 2):
             return None
-        raise IPSetError(f"cannot read the header of ipset {name}: {exc}") from exc
-    for message in messages:
+        raise IPSetError(f"cannot {what} ipset {name}: {exc}") from exc
+
+
+def set_type_of(name: str, sock: Any) -> str | None:
+    """The type of set ``name``, or None if there is no such set. Asks for the set's header
+    only: listing a set of 10k entries to learn that it exists cost seconds."""
+    for message in _messages_of(name, sock.headers, "read the header of") or ():
         set_type = message.get_attr("IPSET_ATTR_TYPENAME")
         if set_type:
             return str(set_type)
@@ -270,12 +275,9 @@ def set_type_of(name: str, sock: Any) -> str | None:
 
 def list_entries_typed(name: str, sock: Any) -> tuple[str, set[str]] | None:
     """(type, entries) of set ``name``, or None if there is no such set."""
-    try:
-        messages = list(sock.list(name))
-    except Exception as exc:
-        if "not exist" in str(exc).lower() or _code(exc) in (_ERR_NOT_EXIST, 2):
-            return None
-        raise IPSetError(f"cannot list ipset {name}: {exc}") from exc
+    messages = _messages_of(name, sock.list, "list")
+    if messages is None:
+        return None
     set_type = ""
     entries: set[str] = set()
     for message in messages:
