@@ -310,18 +310,15 @@ class IpvsProxier(Backend):
                 del self._external_drops[drop]
         return flipped_addresses, flipped_entries
 
-    def _ensure_infrastructure(self) -> None:
-        sets = [(rules.set_name(spec.name, family), spec.type, family)
-                for family in self.families for spec in rules.SETS]
-
-        def ensure_sets() -> None:
-            self.kernel.ensure_sets(sets)
-
-        # Separate subsystems, each maybe loading kernel modules (dummy, ipset types): at once.
-        _concurrently([lambda: self.kernel.ensure_dummy(rules.DUMMY_DEVICE), ensure_sets])
+    def _ensure_sets(self) -> None:
+        self.kernel.ensure_sets([(rules.set_name(spec.name, family), spec.type, family)
+                                 for family in self.families for spec in rules.SETS])
 
     def _full_sync(self, request: SyncRequest) -> float:
-        self._ensure_infrastructure()
+        # The sets first (the iptables rules name them); kube-ipvs0 only when its addresses go
+        # in, alongside the other bulk steps: creating a device took seconds in the emulated
+        # VM. Until then it has no addresses to list, and none to leave out of the node's.
+        self._ensure_sets()
         self._compute_node_ips()
         self._desired_all(request)
         # Virtual and real servers.
@@ -360,8 +357,14 @@ class IpvsProxier(Backend):
             self.kernel.del_address(rules.DUMMY_DEVICE, address)
             self._op("address_del")
         missing = sorted(set(self._addresses) - bound)
+
+        def addresses() -> None:
+            self.kernel.ensure_dummy(rules.DUMMY_DEVICE)
+            if missing:
+                self.kernel.add_addresses(rules.DUMMY_DEVICE, missing)
+
+        bulk_jobs.append(addresses)
         if missing:
-            bulk_jobs.append(lambda: self.kernel.add_addresses(rules.DUMMY_DEVICE, missing))
             self._ops["address_add"] += len(missing)
         # Set entries.
         set_adds: list[tuple[str, str, list[str]]] = []
