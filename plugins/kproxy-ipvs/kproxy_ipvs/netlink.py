@@ -66,6 +66,8 @@ class Kernel(_Interface):
     def ensure_jump(self, family: int, table: str, chain: str, args: list[str]) -> None: ...
     def ensure_jumps(self, family: int, jumps: Sequence[tuple[str, str, list[str]]]
                      ) -> int: ...
+    def restore_with_jumps(self, data: RestoreData,
+                           jumps: Sequence[tuple[str, str, list[str]]]) -> float: ...
     def delete_jump(self, family: int, table: str, chain: str, args: list[str]) -> bool: ...
     def delete_chain(self, family: int, table: str, chain: str) -> bool: ...
     def sysctl(self, path: str, value: str) -> None: ...
@@ -339,8 +341,30 @@ class NetlinkKernel:
         rule (every command start costs; in the emulated VM, seconds). Returns how many
         were inserted."""
         writer = self._writer(family)
+        missing = self._missing_jumps(writer, jumps)
+        if missing:
+            text = "".join(f"*{table}\n" + "".join(f"{line}\n" for line in lines) + "COMMIT\n"
+                           for table, lines in missing.items())
+            writer.restore_text(text)
+        return sum(len(lines) for lines in missing.values())
+
+    def restore_with_jumps(self, data: RestoreData,
+                           jumps: Sequence[tuple[str, str, list[str]]]) -> float:
+        """`restore` of ``data`` plus the missing ``jumps`` (as `ensure_jumps` finds them) in
+        the same transaction: one restore process, not two. The jump lines are added to
+        ``data``. Returns the restore's seconds."""
+        writer = self._writer(data.family)
+        for table, lines in self._missing_jumps(writer, jumps).items():
+            data.table(table).raw_rules(lines)
+        return float(writer.restore(data))
+
+    @staticmethod
+    def _missing_jumps(writer: Any, jumps: Sequence[tuple[str, str, list[str]]]
+                       ) -> dict[str, list[str]]:
+        """Table -> ``-I chain 1 ...`` lines for the jumps its ``iptables-save`` lacks (the
+        tables' saves at once: they are processes)."""
         tables = list(dict.fromkeys(table for table, _chain, _args in jumps))
-        with ThreadPoolExecutor(max_workers=max(1, len(tables))) as pool:  # processes: at once
+        with ThreadPoolExecutor(max_workers=max(1, len(tables))) as pool:
             saved = {table: set(text.splitlines())
                      for table, text in zip(tables, pool.map(writer.save, tables), strict=True)}
         missing: dict[str, list[str]] = {}
@@ -348,11 +372,7 @@ class NetlinkKernel:
             rendered = " ".join(quote(arg) for arg in args)
             if f"-A {chain} {rendered}" not in saved[table]:
                 missing.setdefault(table, []).append(f"-I {chain} 1 {rendered}")
-        if missing:
-            text = "".join(f"*{table}\n" + "".join(f"{line}\n" for line in lines) + "COMMIT\n"
-                           for table, lines in missing.items())
-            writer.restore_text(text)
-        return sum(len(lines) for lines in missing.values())
+        return missing
 
     def delete_jump(self, family: int, table: str, chain: str, args: list[str]) -> bool:
         return bool(self._writer(family).delete_rule(table, chain, args))

@@ -394,11 +394,7 @@ class IpvsProxier(Backend):
         elapsed: list[float] = []
 
         def iptables() -> None:
-            elapsed.append(self._write_rules())
-            for family in self.families:
-                self.kernel.ensure_jumps(family, [
-                    (table, chain, rules.jump_args(target, comment))
-                    for table, chain, target, comment in rules.JUMPS])
+            elapsed.append(self._write_rules(with_jumps=True))
 
         _concurrently([iptables, *bulk_jobs])
         return elapsed[0] if elapsed else 0.0
@@ -537,7 +533,10 @@ class IpvsProxier(Backend):
                     self._op("set_entry_del")
         return self._write_rules()
 
-    def _write_rules(self) -> float:
+    def _write_rules(self, *, with_jumps: bool = False) -> float:
+        """Restore each family's rules when what they depend on changed; ``with_jumps`` (full
+        syncs): always, with the jumps from the built-in chains checked and the missing ones
+        inserted in the same restore."""
         elapsed = 0.0
         for family in self.families:
             nonempty = frozenset(base for (fam, base), counts in self._entries.items()
@@ -549,14 +548,20 @@ class IpvsProxier(Backend):
             drops = frozenset(drop for drop in self._external_drops if drop.family == family)
             # Everything the rules depend on: unchanged (most partial syncs), nothing to render.
             inputs = (nonempty, not_local, no_node_access, drops)
-            if self._rules_inputs.get(family) == inputs:
+            if self._rules_inputs.get(family) == inputs and not with_jumps:
                 continue
             data = rules.iptables_rules(
                 rules.IptablesSettings(family, self.masquerade_all,  # type: ignore[arg-type]
                                        self.masquerade_bit, not_local),
                 nonempty, no_node_access, drops)
             text = data.render()
-            if self._rules_text.get(family) != text:
+            if with_jumps:
+                elapsed += self.kernel.restore_with_jumps(data, [
+                    (table, chain, rules.jump_args(target, comment))
+                    for table, chain, target, comment in rules.JUMPS])
+                self._op("iptables_restore")
+                self._rules_text[family] = text
+            elif self._rules_text.get(family) != text:
                 elapsed += self.kernel.restore(data)
                 self._op("iptables_restore")
                 self._rules_text[family] = text

@@ -142,6 +142,11 @@ class FakeKernel:
         self.restored.append(data)
         return 0.001
 
+    def restore_with_jumps(self, data: RestoreData,
+                           jumps: Sequence[tuple[str, str, list[str]]]) -> float:
+        self.ensure_jumps(data.family, jumps)
+        return self.restore(data)
+
     def ensure_jump(self, family: int, table: str, chain: str, args: list[str]) -> None:
         self.jumps.add((family, table, chain, tuple(args)))
 

@@ -281,3 +281,47 @@ def test_links_and_jumps_through_the_netlink_kernel() -> None:
             in saved)
     assert out["dummy"] == "created" or "adding kube-ipvs0" in out["dummy"]
     assert gone
+
+
+@pytest.mark.root
+def test_restore_with_jumps_inserts_the_missing_jumps_in_the_same_restore() -> None:
+    """The full sync's restore carries the missing jumps: all of them into an empty
+    namespace, none again, and the ones someone deleted come back (never doubled)."""
+    from kproxy_ipvs.netlink import NetlinkKernel
+    from kproxy_ipvs.rules import JUMPS, jump_args
+
+    jumps = [(table, chain, jump_args(target, comment))
+             for table, chain, target, comment in JUMPS]
+    chains = {(table, target) for table, _chain, target, _comment in JUMPS}
+
+    def run() -> tuple[list[str], bool]:
+        from kproxy_core.kernel.iptables import RestoreData
+        from kproxy_core.kernel.iptables_writers import make_writer
+
+        kernel = NetlinkKernel.__new__(NetlinkKernel)  # no IPVS on this host: skip its probe
+        kernel._bulk, kernel._writer_kind = bulk.BulkWriter(), "restore"
+        kernel._writers, kernel._ipset = {}, None
+        saves = []
+        deleted = False
+        for round_ in range(3):
+            data = RestoreData(4)
+            for table, chain in chains:
+                data.table(table).chain(chain)
+            data.table("nat").rule("KUBE-SERVICES", "-j", "RETURN")
+            kernel.restore_with_jumps(data, jumps)
+            saves.append(make_writer("restore", 4).save("nat")
+                         + make_writer("restore", 4).save("filter"))
+            if round_ == 1:  # someone deletes one jump
+                deleted = kernel.delete_jump(4, "nat", "OUTPUT", jumps[0][2])
+        kernel._bulk.close()
+        return saves, deleted
+
+    with Sandbox() as sandbox:
+        saves, deleted = in_netns(sandbox.netns("merged").name, run, timeout=60)
+    assert deleted
+    for saved in saves:
+        lines = saved.splitlines()
+        for _table, chain, args in jumps:
+            rendered = "-A " + chain + " -m comment --comment \"" + args[3] + "\" -j " + args[5]
+            assert lines.count(rendered) == 1, (rendered, saved)
+        assert "-A KUBE-SERVICES -j RETURN" in lines
