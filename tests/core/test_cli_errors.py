@@ -285,8 +285,9 @@ def test_command_rejects_bad_gates(ns: NetNS, args: tuple[str, ...]) -> None:
 @pytest.mark.root
 def test_command_start_failure_is_one_line(ns: NetNS) -> None:
     # Valid configuration, but no API server can be reached or configured: exit 1 with one
-    # line, no traceback (the traceback is at --v=4 and up).
-    proc = _kproxy(ns, "--proxy-mode=userspace")
+    # line, no traceback (the traceback is at --v=4 and up). The sample plugin's mode: the
+    # core env has no other.
+    proc = _kproxy(ns, "--proxy-mode=memory")
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kproxy: ")]
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert errors and "start-up failed" in errors[-1], proc.stderr[-2000:]
