@@ -452,25 +452,18 @@ class NetlinkBatcher:
         self.sock.send(_HEADER.pack(_HEADER.size + len(payload), kind,
                                     NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + payload)
         out: list[bytes] = []
-        while True:
-            data = self.sock.recv(1 << 18)
-            offset = 0
-            while offset + _HEADER.size <= len(data):
-                length, answer, _flags, answer_seq, _pid = _HEADER.unpack_from(data, offset)
-                if length < _HEADER.size:
-                    raise SyncError("malformed netlink answer")
-                body = data[offset + _HEADER.size:offset + length]
-                offset += (length + 3) & ~3
-                if answer_seq != seq:
-                    continue
-                if answer == NLMSG_DONE:
-                    return out
-                if answer == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", body)
-                    if code:
-                        raise BatchError(what, [(what, -code)])
-                    return out
-                out.append(body)
+        for answer, answer_seq, body in self._answers():
+            if answer_seq != seq:
+                continue
+            if answer == NLMSG_DONE:
+                return out
+            if answer == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", body)
+                if code:
+                    raise BatchError(what, [(what, -code)])
+                return out
+            out.append(body)
+        raise AssertionError("unreachable: _answers never ends")
 
     def request(self, kind: int, flags: int, payload: bytes) -> list[bytes]:
         """One request; the payloads of its replies (for lookups)."""
@@ -488,9 +481,8 @@ class NetlinkBatcher:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return self._seq
 
-    def _collect(self, last: int, labels: dict[int, str], failures: list[tuple[str, int]],
-                 replies: list[bytes] | None = None) -> None:
-        """Read answers until the ack (or error) of ``last``."""
+    def _answers(self) -> Iterator[tuple[int, int, bytes]]:
+        """(type, sequence number, payload) of every message the socket receives, forever."""
         while True:
             data = self.sock.recv(1 << 18)
             offset = 0
@@ -498,16 +490,21 @@ class NetlinkBatcher:
                 length, kind, _flags, seq, _pid = _HEADER.unpack_from(data, offset)
                 if length < _HEADER.size:
                     raise SyncError("malformed netlink answer")
-                body = data[offset + _HEADER.size:offset + length]
+                yield kind, seq, data[offset + _HEADER.size:offset + length]
                 offset += (length + 3) & ~3
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", body)
-                    if code:
-                        failures.append((labels.get(seq, f"message {seq}"), -code))
-                    if seq == last:
-                        return
-                elif replies is not None and seq == last and kind != NLMSG_DONE:
-                    replies.append(body)
+
+    def _collect(self, last: int, labels: dict[int, str], failures: list[tuple[str, int]],
+                 replies: list[bytes] | None = None) -> None:
+        """Read answers until the ack (or error) of ``last``."""
+        for kind, seq, body in self._answers():
+            if kind == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", body)
+                if code:
+                    failures.append((labels.get(seq, f"message {seq}"), -code))
+                if seq == last:
+                    return
+            elif replies is not None and seq == last and kind != NLMSG_DONE:
+                replies.append(body)
 
 
 def genl_family_id(batcher: NetlinkBatcher, name: str) -> int:
