@@ -15,7 +15,7 @@ from kproxy_ipvs.netlink import Kernel
 
 
 def _excluded(config: Any) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    from kproxy_ipvs.proxier import config_value
+    from kproxy_core.backend import config_value
 
     return [ipaddress.ip_network(c, strict=False)
             for c in config_value(config, "ipvs.excludeCIDRs", ())]

@@ -24,6 +24,7 @@ from kproxy_core.backend import (
     SyncError,
     SyncRequest,
     SyncResult,
+    config_value,
 )
 from kproxy_core.localtraffic import LocalTrafficDetector
 from kproxy_core.model import ServicePortKey
@@ -44,16 +45,6 @@ STRICT_ARP_SYSCTLS = (("net/ipv4/conf/all/arp_ignore", "1"),
                       ("net/ipv4/conf/all/arp_announce", "2"))
 #: Upstream's gracefulTerminationManager checks its draining real servers every minute.
 GRACEFUL_PERIOD = 60.0
-
-
-def config_value(config: Any, path: str, default: Any) -> Any:
-    """A config value, or ``default`` when the option is not declared (e.g. tests that only
-    declare what they need) or unset."""
-    try:
-        value = config.get(path)
-    except (KeyError, AttributeError, LookupError):
-        return default
-    return default if value is None else value
 
 
 def resolve_scheduler(name: str, algorithms: Iterable[Any]) -> str:
