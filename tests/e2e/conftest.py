@@ -16,17 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from e2e_harness import MODES, Cluster, mode_problem, must_not_skip
-
-
-def require_mode(mode: str) -> None:
-    problem = mode_problem(mode)
-    if problem is None:
-        return
-    reason, fatal_in_ci = problem
-    if fatal_in_ci and must_not_skip():
-        pytest.fail(f"{reason} (CI or the VM: every mode must run)", pytrace=False)
-    pytest.skip(reason)
+from e2e_harness import MODES, Cluster, require_mode
 
 
 @pytest.fixture(scope="session", params=MODES)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from e2e_netns import NetnsThread
 
 from kproxy_core.demo import Ep, kproxy_command, node_obj
@@ -301,6 +302,18 @@ def mode_problem(mode: str) -> tuple[str, bool] | None:
 def must_not_skip() -> bool:
     """CI and the VM: a mode that cannot run is a failure, not a skip."""
     return in_vm() or os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_mode(mode: str) -> None:
+    """Return if ``mode`` can run here; otherwise skip with the reason, or fail where every
+    mode must run (CI, the VM) and this one should."""
+    problem = mode_problem(mode)
+    if problem is None:
+        return
+    reason, fatal_in_ci = problem
+    if fatal_in_ci and must_not_skip():
+        pytest.fail(f"{reason} (CI or the VM: every mode must run)", pytrace=False)
+    pytest.skip(reason)
 
 
 def _module_available(name: str) -> bool:

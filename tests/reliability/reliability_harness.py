@@ -23,7 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
 
-from e2e_harness import Cluster, mode_problem, must_not_skip
+from e2e_harness import Cluster, require_mode
 
 MEASUREMENTS: list[str] = []
 
@@ -120,13 +120,7 @@ FAULT_MODES = ("iptables", "userspace", "ipvs")
 def require_fault_mode(mode: str) -> None:
     """As the e2e suite's: ipvs runs where the kernel has IPVS (the ipvs-vm env's VM) and is
     skipped with the reason on a host without it."""
-    problem = mode_problem(mode)
-    if problem is None:
-        return
-    reason, fatal_in_ci = problem
-    if fatal_in_ci and must_not_skip():
-        pytest.fail(f"{reason} (CI or the VM: every mode must run)", pytrace=False)
-    pytest.skip(reason)
+    require_mode(mode)
 
 
 def no_ipvs_injection_point(mode: str, what: str) -> None:
