@@ -20,7 +20,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kproxy_core.backend import (
@@ -39,6 +39,12 @@ from kproxy_core.sync import Backoff, BoundedFrequencyRunner, SyncReport, Trigge
 log = logging.getLogger("kproxy")
 
 DEFAULT_MODE = "iptables"
+
+#: Seconds after which the next sync is a full one whatever triggered it: upstream's
+#: ``proxyutil.FullSyncPeriod`` (1 h), a constant there too (no flag or config field). It
+#: matters for modes whose periodic sync is partial (``Backend.periodic_full_sync = False``)
+#: and for nodes whose changes never leave the sync loop idle for a whole sync period.
+FULL_SYNC_PERIOD = 3600.0
 
 
 class ModeNotFound(LookupError):
@@ -75,7 +81,9 @@ class Proxy:
         source: Source | None = None,
         serve_http: bool = True,
         cleanup_other_modes: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock``: the monotonic clock that ages the last full sync (tests inject one)."""
         self.config = config
         self.plugins = plugins or KproxyPluginManager()
         self.node_name = node_name_from(config)
@@ -93,11 +101,19 @@ class Proxy:
         )
         self.source = source if source is not None else self._make_source()
         self._backoff = Backoff(initial=max(1.0, self.min_sync_period), cap=self.sync_period)
-        self._needs_full = True
+        #: Why the next sync must be full (None: no reason yet); see `_full_sync_reason`.
+        self._full_needed: str | None = "first sync"
+        self._clock = clock
+        #: When (``clock``) the last full sync succeeded; None before the first one.
+        self._last_full_sync: float | None = None
         self._pending_changed: set[ServicePortKey] = set()
         self._pending_previous: dict[ServicePortKey, ResolvedServicePort | None] = {}
         self._pending_triggers: list[float] = []
         self._last_report: SyncReport | None = None
+        #: Syncs that took a snapshot, and the number of the one `_last_report` is about:
+        #: lets `sync_now` wait for a sync that started after its request.
+        self._syncs_started = 0
+        self._last_report_number = 0
         self._report_cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._servers: Any = None
@@ -233,12 +249,13 @@ class Proxy:
     def sync_now(self, *, full: bool = False, timeout: float = 60) -> SyncReport:
         """Ask for a sync (full if ``full``) and wait for its report."""
         with self._report_cond:
-            before = self._last_report
+            # A sync already running took its decision (and snapshot) before this request.
+            wanted = self._syncs_started + 1
             if full:
-                self._needs_full = True
+                self._full_needed = "requested"
             self.runner.request(Trigger.REQUESTED)
             deadline = time.monotonic() + timeout
-            while self._last_report is before:
+            while self._last_report_number < wanted:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"no sync within {timeout}s")
@@ -257,20 +274,30 @@ class Proxy:
         if not self.state.is_synced():
             log.debug("not syncing: waiting for the initial Service and EndpointSlice lists")
             return
+        with self._report_cond:
+            self._syncs_started += 1
+            number = self._syncs_started
+            # Taken by this sync: a request arriving while it runs is kept for the next one.
+            needed, self._full_needed = self._full_needed, None
+        try:
+            self._sync_once(trigger, number, needed)
+        except BaseException:
+            with self._report_cond:
+                self._full_needed = self._full_needed or needed or "after a failed sync"
+            raise
+
+    def _sync_once(self, trigger: Trigger, number: int, needed: str | None) -> None:
         snapshot = self.state.take_snapshot()
+        # Node addresses are not part of any service port (NodePorts render them), so a node
+        # change rewrites everything rather than teaching every backend to diff them.
+        if snapshot.node_changed:
+            needed = needed or "node changed"
+        reason = self._full_sync_reason(trigger, needed)
         for key in snapshot.changed:
             self._pending_previous.setdefault(key, snapshot.previous.get(key))
         self._pending_changed |= snapshot.changed
         self._pending_triggers.extend(snapshot.trigger_times)
-        # Node addresses are not part of any service port (NodePorts render them), so a node
-        # change rewrites everything rather than teaching every backend to diff them.
-        if snapshot.node_changed:
-            self._needs_full = True
-        full = (
-            self._needs_full
-            or trigger is Trigger.PERIODIC
-            or self.backend.needs_full_sync()
-        )
+        full = reason is not None
         view = snapshot.view
         request = SyncRequest(
             view=view,
@@ -293,6 +320,7 @@ class Proxy:
             mode=self.mode,
             trigger=trigger,
             full=full,
+            full_reason=reason or "",
             started=started_wall,
             duration=duration,
             changed=len(request.changed),
@@ -303,7 +331,8 @@ class Proxy:
         if error is None:
             self._after_success(request, report)
         else:
-            self._needs_full = True
+            with self._report_cond:
+                self._full_needed = "after a failed sync"
             delay = self._backoff.next_delay()
             self.metrics.sync_error(full)
             log.error("sync failed (%s sync, %d changed); retrying in %.1fs: %s",
@@ -312,11 +341,33 @@ class Proxy:
         self.plugins.sync_finished(report)
         with self._report_cond:
             self._last_report = report
+            self._last_report_number = number
             self._report_cond.notify_all()
+
+    def _full_sync_reason(self, trigger: Trigger, needed: str | None) -> str | None:
+        """Why this sync must be full, or None for a partial one.
+
+        As upstream's iptables/nftables proxiers (``doFullSync``): full when something asked
+        for it (start-up, a failed sync, ``sync_now(full=True)``, a node address change), when
+        the last full sync is older than `FULL_SYNC_PERIOD` whatever the trigger (a busy node
+        may never see a periodic trigger), and, for a backend that reconciles everything every
+        period as upstream's IPVS proxier, on the periodic trigger. The backend's own
+        ``needs_full_sync`` is asked last: it may read the kernel."""
+        if needed is not None:
+            return needed
+        if self._last_full_sync is None or (
+                self._clock() - self._last_full_sync > FULL_SYNC_PERIOD):
+            return "full-sync period elapsed"
+        if trigger is Trigger.PERIODIC and type(self.backend).periodic_full_sync:
+            return "periodic"
+        if self.backend.needs_full_sync():
+            return "backend asked"
+        return None
 
     def _after_success(self, request: SyncRequest, report: SyncReport) -> None:
         now = time.time()
-        self._needs_full = False
+        if report.full:
+            self._last_full_sync = self._clock()
         self._backoff.reset()
         if self.backend.needs_conntrack_cleanup:
             self._clear_stale_conntrack(request)
@@ -342,7 +393,8 @@ class Proxy:
         level = logging.INFO if report.full else logging.DEBUG
         log.log(level, "synced %s: %d service ports, %d changed, %.3fs (external %.3fs), "
                 "%d objects written",
-                "full" if report.full else "partial", report.services, report.changed,
+                f"full ({report.full_reason})" if report.full else "partial",
+                report.services, report.changed,
                 report.duration, report.result.external_seconds if report.result else 0.0,
                 report.result.objects_written if report.result else 0)
 

@@ -85,7 +85,8 @@ class SyncRequest:
     ``view`` is the complete node-local state. ``changed`` holds every key added, removed or
     modified since this backend's last *successful* sync (the core keeps accumulating across
     failures). With ``full`` set the backend must rewrite everything it owns and remove what
-    is not in ``view``: the first sync, the periodic resync, after a failure, or on request.
+    is not in ``view``: the first sync, after a failure, on request, and periodically (every
+    sync period when the backend's ``periodic_full_sync`` says so, else hourly).
     """
 
     view: NodeView
@@ -143,10 +144,17 @@ class Backend(abc.ABC):
     #: Whether the core should delete stale UDP conntrack entries after syncs. Kernel NAT modes
     #: need it; a userspace proxy terminates connections itself and does not.
     needs_conntrack_cleanup: ClassVar[bool] = True
-    #: Config paths of (sync period, min sync period) that drive this mode's sync loop, as
-    #: upstream where each mode has its own section (``ipvs.syncPeriod``...).
     #: Linux capabilities the mode needs (checked at start-up with one clear message).
     required_capabilities: ClassVar[tuple[str, ...]] = ("CAP_NET_ADMIN",)
+    #: Whether the periodic sync (every sync period with no change) is a full one. True
+    #: reconciles everything every period, as upstream's IPVS proxier does; a mode whose
+    #: partial sync is cheap and repairs what matters (upstream's iptables and nftables
+    #: proxiers) sets False: its periodic syncs are then partial and a full sync runs only
+    #: when needed (start-up, failure, node change, `needs_full_sync`) or once the last one
+    #: is older than `kproxy_core.agent.FULL_SYNC_PERIOD` (1 h, as upstream).
+    periodic_full_sync: ClassVar[bool] = True
+    #: Config paths of (sync period, min sync period) that drive this mode's sync loop, as
+    #: upstream where each mode has its own section (``ipvs.syncPeriod``...).
     sync_period_options: ClassVar[tuple[str, str]] = (
         "iptables.syncPeriod",
         "iptables.minSyncPeriod",

@@ -46,6 +46,9 @@ class SyncReport:
     services: int
     result: SyncResult | None = None
     error: str | None = None
+    #: Why the sync was full ("first sync", "after a failed sync", "requested", "node
+    #: changed", "periodic", "full-sync period elapsed", "backend asked"); "" when partial.
+    full_reason: str = ""
 
     @property
     def ok(self) -> bool:

@@ -155,6 +155,8 @@ def _read_sysctl(path: str) -> str:
 
 class IptablesProxier(Backend):
     name = "iptables"
+    #: Periodic syncs are partial, full ones hourly, as upstream (see Backend).
+    periodic_full_sync = False
 
     def __init__(self, context: BackendContext) -> None:
         super().__init__(context)

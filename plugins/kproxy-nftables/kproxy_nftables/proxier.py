@@ -211,6 +211,8 @@ class _FamilyState:
 
 class NftablesProxier(Backend):
     name = "nftables"
+    #: Periodic syncs are partial, full ones hourly, as upstream (see Backend).
+    periodic_full_sync = False
     needs_conntrack_cleanup = True
     sync_period_options = ("nftables.syncPeriod", "nftables.minSyncPeriod")
 
