@@ -8,11 +8,31 @@ client-go, component-base logging/metrics), so an operator's existing flags may 
 them: kproxy accepts all of those, logs one line for each it does not act on, and rejects the
 rest with upstream's message, exit 2.
 
-The table is upstream's ``test/compatibility_lifecycle/reference/versioned_feature_list.yaml``
-(the newest version of it the project could read: the v1.34/v1.35 development line) plus
-client-go's ``features/known_features.go``, each gate at its newest spec. Gates added upstream
-after that are unknown here and rejected: add a row (name, default, stage, ``locked``) when
-upstream adds one; keep rows of removed gates until upstream's n-3 compatibility window ends.
+The table follows upstream kubernetes/kubernetes, each gate at the newest spec the project
+could read (source, from oldest to newest layer):
+
+- v1.36 development line, the complete list: ``pkg/features/kube_features.go``
+  (``defaultVersionedKubernetesFeatureGates``: kube, apiserver ``genericfeatures``,
+  ``apiextensionsfeatures``, ``kcmfeatures``, ``zpagesfeatures``) plus
+  ``staging/src/k8s.io/client-go/features/known_features.go``,
+  ``staging/src/k8s.io/component-base/metrics/features`` (``NativeHistograms``, alpha in
+  1.36) and component-base logging (``ContextualLogging``, ``LoggingAlphaOptions``,
+  ``LoggingBetaOptions``). Gates upstream removed by then (e.g. ``LoadBalancerIPMode``,
+  ``ComponentSLIs``, ``StrictCostEnforcementForVAP``) are gone here too, and the kubelet gate
+  spelled ``CPUCFSQuotaPeriod`` in Go is registered as ``CustomCPUCFSQuotaPeriod``.
+- v1.37 development line, where readable: the scheduling/DRA gate file
+  (``SetupCurrentKubernetesSpecificFeatureGates``; e.g. ``CompositePodGroup``,
+  ``DRADerivedAttributes``, ``SchedulerPreQueueingHints`` new; ``DRAAdminAccess``,
+  ``DRAPrioritizedList``, ``NodeDeclaredFeatures`` GA and locked) and ``ComponentStatusz``
+  (beta, on, from 1.36).
+- v1.36 gates added after that kube_features.go snapshot, known only from third-party notes
+  quoting it: ``ReloadKubeletClientCAFile`` (beta, on), ``WorkloadAwarePreemption`` and
+  ``WorkloadWithJob`` (alpha).
+
+So the table is v1.36 with what could be read of v1.37; a gate added later in either (and not
+in those files) is rejected as unknown until its row is added. Add a row (name, default,
+stage, ``locked``) when upstream adds one; drop a row when upstream drops the gate (its n-3
+compatibility window has ended).
 """
 
 from __future__ import annotations
@@ -38,101 +58,123 @@ _STAGES = {"A": "Alpha", "B": "Beta", "GA": "GA", "D": "Deprecated"}
 
 # name, default, stage (A/B/GA/D), "locked" when locked to the default
 _TABLE = """
-AggregatedDiscoveryRemoveBetaType true D
+AggregatedDiscoveryRemoveBetaType true D locked
 AllowDNSOnlyNodeCSR false D
 AllowInsecureKubeletCertificateSigningRequests false D
-AllowOverwriteTerminationGracePeriodSeconds false D
+AllowOverwriteTerminationGracePeriodSeconds false D locked
 AllowParsingUserUIDFromCertAuth true B
-AllowServiceLBStatusOnNonLB false D locked
 AllowUnsafeMalformedObjectDeletion false A
 AnonymousAuthConfigurableEndpoints true GA locked
 AnyVolumeDataSource true GA locked
 APIResponseCompression true B
 APIServerIdentity true B
-APIServerTracing true B
+APIServerTracing true GA locked
 APIServingWithRoutine false A
 AuthorizeNodeWithSelectors true GA locked
+AuthorizePodWebsocketUpgradeCreatePermission true B
 AuthorizeWithSelectors true GA locked
 BtreeWatchCache true GA locked
 CBORServingAndStorage false A
+ChangeContainerStatusOnKubeletRestart false D
 ClearingNominatedNodeNameAfterBinding true B
 ClientsAllowCBOR false A
 ClientsPreferCBOR false A
+CloudControllerManagerWatchBasedRoutesReconciliation false A
 CloudControllerManagerWebhook false A
 ClusterTrustBundle false B
 ClusterTrustBundleProjection false B
 ComponentFlagz false A
-ComponentSLIs true GA locked
-ComponentStatusz false A
+ComponentStatusz true B
+CompositePodGroup false A
 ConcurrentWatchObjectDecode false B
 ConsistentListFromCache true GA locked
+ConstrainedImpersonation false A
 ContainerCheckpoint true B
+ContainerRestartRules true B
 ContainerStopSignals false A
 ContextualLogging true B
 CoordinatedLeaderElection false B
-CPUCFSQuotaPeriod false A
 CPUManagerPolicyAlphaOptions false A
 CPUManagerPolicyBetaOptions true B
 CPUManagerPolicyOptions true GA locked
+CRDObservedGenerationTracking false B
 CRDValidationRatcheting true GA locked
-CronJobsScheduledAnnotation true GA locked
 CrossNamespaceVolumeDataSource false A
 CSIMigrationPortworx true GA locked
+CSIServiceAccountTokenSecrets true B
 CSIVolumeHealth false A
+CustomCPUCFSQuotaPeriod false A
 CustomResourceFieldSelectors true GA locked
 DeclarativeValidation true B
 DeclarativeValidationTakeover false B
-DeploymentReplicaSetTerminatingReplicas false A
+DeploymentReplicaSetTerminatingReplicas true B
 DetectCacheInconsistency true B
-DevicePluginCDIDevices true GA locked
-DisableAllocatorDualWrite true GA
+DisableAllocatorDualWrite true GA locked
 DisableCPUQuotaWithExclusiveCPUs true B
 DisableNodeKubeProxyVersion true D
-DRAAdminAccess false A
-DRADeviceTaints false A
-DRAPartitionableDevices false A
-DRAPrioritizedList false A
-DRAResourceClaimDeviceStatus true B
+DRAAdminAccess true GA locked
+DRAConsumableCapacity true B
+DRADerivedAttributes false A
+DRADeviceBindingConditions true B
+DRADeviceCompatibilityGroups false A
+DRADeviceTaintRules true GA
+DRADeviceTaints true GA
+DRAExtendedResource true GA locked
+DRAFractionalCapacityRange true B
+DRAListTypeAttributes false A
+DRANodeAllocatableResources false A
+DRAOptionalNodeOperations false A
+DRAPartitionableDevices true B
+DRAPrioritizedList true GA locked
+DRAResourceClaimDeviceStatus true GA locked
 DRASchedulerFilterTimeout true B
-DynamicResourceAllocation false B
+DRAWorkloadResourceClaims false B
+DynamicResourceAllocation true GA locked
+EnvFiles true B
 EventedPLEG false A
-ExecProbeTimeout true GA
+ExecProbeTimeout true GA locked
 ExternalServiceAccountTokenSigner true B
+GangScheduling false A
+GenericWorkload false B
 GitRepoVolumeDriver false D
 GracefulNodeShutdown true B
 GracefulNodeShutdownBasedOnPodPriority true B
 HonorPVReclaimPolicy true GA locked
-HPAConfigurableTolerance false A
+HostnameOverride true B
+HPAConfigurableTolerance true B
 HPAScaleToZero false A
-ImageMaximumGCAge true B
-ImageVolume false B
+ImageMaximumGCAge true GA locked
+ImageVolume true B
+ImageVolumeWithDigest false A
 InformerResourceVersion true GA
 InOrderInformers true B
-InPlacePodVerticalScaling true B
+InPlacePodLevelResourcesVerticalScaling true B
+InPlacePodVerticalScaling true GA locked
 InPlacePodVerticalScalingAllocatedStatus false D
 InPlacePodVerticalScalingExclusiveCPUs false A
+InPlacePodVerticalScalingExclusiveMemory false A
+InPlacePodVerticalScalingSchedulerPreemption false A
+InterPodAffinityHostnameFastPath false A
 InTreePluginPortworxUnregister false A
 JobBackoffLimitPerIndex true GA locked
-JobManagedBy true B
+JobManagedBy true GA locked
 JobPodReplacementPolicy true GA locked
 JobSuccessPolicy true GA locked
 KMSv1 false D
-KubeletCgroupDriverFromCRI true B
-KubeletCrashLoopBackOffMax false A
-KubeletEnsureSecretPulledImages false A
+KubeletCgroupDriverFromCRI true GA locked
+KubeletCrashLoopBackOffMax true B
+KubeletEnsureSecretPulledImages true B
 KubeletFineGrainedAuthz true B
 KubeletInUserNamespace false A
-KubeletPodResourcesDynamicResources false A
-KubeletPodResourcesGet false A
+KubeletPodResourcesDynamicResources true B
+KubeletPodResourcesGet true B
 KubeletPodResourcesListUseActivePods true D
-KubeletPSI false A
+KubeletPSI true B
 KubeletRegistrationGetOnExistsOnly false D
 KubeletSeparateDiskGC true B
-KubeletServiceAccountTokenForCredentialProviders false A
+KubeletServiceAccountTokenForCredentialProviders true B
 KubeletTracing true GA locked
-LegacySidecarContainers false D
 ListFromCacheSnapshot true B
-LoadBalancerIPMode true GA locked
 LocalStorageCapacityIsolationFSQuotaMonitoring false B
 LogarithmicScaleDown true GA locked
 LoggingAlphaOptions false A
@@ -140,32 +182,39 @@ LoggingBetaOptions true B
 MatchLabelKeysInPodAffinity true GA locked
 MatchLabelKeysInPodTopologySpread true B
 MatchLabelKeysInPodTopologySpreadSelectorMerge true B
-MaxUnavailableStatefulSet false A
+MaxUnavailableStatefulSet true B
 MemoryManager true GA locked
 MemoryQoS false A
 MultiCIDRServiceAllocator true GA locked
-MutableCSINodeAllocatableCount false A
+MutableCSINodeAllocatableCount true B
+MutablePodResourcesForSuspendedJobs false A
+MutablePVNodeAffinity false A
+MutableSchedulingDirectivesForSuspendedJobs false A
 MutatingAdmissionPolicy false B
+NativeHistograms false A
 NFTablesProxyMode true GA locked
+NodeDeclaredFeatures true GA locked
 NodeInclusionPolicyInPodTopologySpread true GA locked
 NodeLogQuery false B
 NodeSwap true GA locked
 NominatedNodeNameForExpectation true B
 OpenAPIEnums true B
+OpportunisticBatching true B
 OrderedNamespaceDeletion true GA locked
 PodAndContainerStatsFromCRI false A
+PodCertificateRequest false B
 PodDeletionCost true B
-PodIndexLabel true GA locked
-PodLevelResources false A
-PodLifecycleSleepAction true B
-PodLifecycleSleepActionAllowZero true B
+PodGroupPreemptionPolicy false A
+PodLevelResources true B
+PodLifecycleSleepAction true GA locked
+PodLifecycleSleepActionAllowZero true GA locked
 PodLogsQuerySplitStreams false A
-PodObservedGenerationTracking false A
+PodObservedGenerationTracking true GA locked
 PodReadyToStartContainersCondition true B
 PodSchedulingReadiness true GA locked
-PodTopologyLabelsAdmission false A
+PodTopologyLabelsAdmission true B
 PortForwardWebsockets true B
-PreferSameTrafficDistribution true B
+PreferSameTrafficDistribution true GA locked
 PreventStaticPodAPIReferences true B
 ProcMountType true B
 QOSReserved false A
@@ -175,16 +224,19 @@ ReduceDefaultCrashLoopBackOffDecay false A
 RelaxedDNSSearchValidation true GA locked
 RelaxedEnvironmentVariableValidation true GA locked
 RelaxedServiceNameValidation false A
+ReloadKubeletClientCAFile true B
 ReloadKubeletServerCertificateFile true B
 RemoteRequestHeaderUID true B
 ResilientWatchCacheInitialization true GA locked
 ResourceHealthStatus false A
+RestartAllContainersOnContainerExits false A
 RetryGenerateName true GA locked
 RotateKubeletServerCertificate true B
 RuntimeClassInImageCriAPI false A
-SchedulerAsyncAPICalls true B
+SchedulerAsyncAPICalls false B
 SchedulerAsyncPreemption true B
 SchedulerPopFromBackoffQ true B
+SchedulerPreQueueingHints false A
 SchedulerQueueingHints true GA locked
 SELinuxChangePolicy true B
 SELinuxMount false B
@@ -199,43 +251,46 @@ ServiceAccountTokenPodNodeInfo true GA locked
 ServiceTrafficDistribution true GA locked
 SidecarContainers true GA locked
 SizeBasedListCostEstimate true B
-SizeMemoryBackedVolumes true GA locked
-StatefulSetAutoDeletePVC true GA locked
-StorageCapacityScoring false A
+StatefulSetSemanticRevisionComparison true B
+StorageCapacityScoring true B
 StorageNamespaceIndex true D
 StorageVersionAPI false A
 StorageVersionHash true B
-StorageVersionMigrator false A
+StorageVersionMigrator false B
 StreamingCollectionEncodingToJSON true GA locked
 StreamingCollectionEncodingToProtobuf true GA locked
-StrictCostEnforcementForVAP true GA locked
-StrictCostEnforcementForWebhooks true GA locked
 StrictIPCIDRValidation false A
 StructuredAuthenticationConfiguration true GA locked
 StructuredAuthenticationConfigurationEgressSelector true B
+StructuredAuthenticationConfigurationJWKSMetrics true B
 StructuredAuthorizationConfiguration true GA locked
-SupplementalGroupsPolicy true B
-SystemdWatchdog true B
+SupplementalGroupsPolicy true GA locked
+SystemdWatchdog true GA locked
+TaintTolerationComparisonOperators false A
 TokenRequestServiceAccountUIDValidation true B
 TopologyAwareHints true GA locked
+TopologyAwareWorkloadScheduling false A
 TopologyManagerPolicyAlphaOptions false A
 TopologyManagerPolicyBetaOptions true B
 TopologyManagerPolicyOptions true GA
 TranslateStreamCloseWebsocketRequests true B
 UnauthenticatedHTTP2DOSMitigation true B
 UnknownVersionInteroperabilityProxy false A
-UserNamespacesPodSecurityStandards false A
+UserNamespacesHostNetworkSupport false A
 UserNamespacesSupport true B
-VolumeAttributesClass false B
+VolumeAttributesClass true GA locked
+VolumeLimitScaling true B
 WatchCacheInitializationPostStartHook false B
 WatchFromStorageWithoutResourceVersion false D locked
 WatchList false B
 WatchListClient true B
 WindowsCPUAndMemoryAffinity false A
-WindowsGracefulNodeShutdown false A
+WindowsGracefulNodeShutdown true B
 WindowsHostNetwork false D
-WinDSR true B
-WinOverlay true B
+WinDSR true GA locked
+WinOverlay true GA locked
+WorkloadAwarePreemption false A
+WorkloadWithJob false A
 """
 
 
