@@ -3,13 +3,19 @@
 Needs a kernel with IPVS: on hosts without it run it in the VM::
 
     python -m kproxy_core.testing.vm --modules ip_vs,ip_vs_rr,ip_set -- \
-        python benchmarks/ipvs_bench.py [--sizes 1000,10000] [--repeat 3]
+        python benchmarks/ipvs_bench.py [--sizes 1000,10000] [--repeat 3] [--changes 15]
 
 Measures, per size N (N ClusterIP services x 5 endpoints, from empty): the full sync (time,
-kernel writes); at the largest N a one-endpoint change (partial sync: time, objects touched);
-and the floor: the same virtual/real servers loaded by ``ipvsadm --restore`` in an empty
-namespace (IPVS objects only, no addresses, sets or iptables); for reference, the same
-objects through the mode's own IPVS writer alone.
+kernel writes, seconds per kernel-layer call); at the largest N ``--changes`` one-endpoint
+changes one after the other (partial syncs: time, kernel-call vs other time, objects
+touched; median and range) and the periodic resync; and the floor: the same virtual/real
+servers loaded by ``ipvsadm --restore`` in an empty namespace (IPVS objects only, no
+addresses, sets or iptables); for reference, the same objects through the mode's own IPVS
+writer alone.
+
+Before each timed step it waits (``--settle``) until the CPUs are idle: a deleted network
+namespace is torn down by the kernel afterwards (thousands of IPVS objects, addresses), and
+that work would otherwise be billed to whatever runs next (in the VM, seconds).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -35,16 +42,37 @@ from kproxy_core.testing.netns import Sandbox
 ENDPOINTS = 5
 
 
-def ports(n: int, bump: int | None = None) -> list[ResolvedServicePort]:
-    out = []
-    for i in range(n):
-        cip = f"10.96.{i // 250}.{i % 250 + 1}"
-        eps = [ep(f"10.244.{(i * ENDPOINTS + j) // 250 % 250}.{(i * ENDPOINTS + j) % 250 + 1}",
-                  local=False) for j in range(ENDPOINTS)]
-        if bump == i:
-            eps[-1] = ep("10.245.0.1", local=False)
-        out.append(svc(f"s{i}", cip, 80, eps))
+def port(i: int, bumped: bool = False) -> ResolvedServicePort:
+    """Service i; ``bumped``: its last endpoint replaced by another address."""
+    cip = f"10.96.{i // 250}.{i % 250 + 1}"
+    eps = [ep(f"10.244.{(i * ENDPOINTS + j) // 250 % 250}.{(i * ENDPOINTS + j) % 250 + 1}",
+              local=False) for j in range(ENDPOINTS)]
+    if bumped:
+        eps[-1] = ep(f"10.245.{i // 250 % 250}.{i % 250 + 1}", local=False)
+    out: ResolvedServicePort = svc(f"s{i}", cip, 80, eps)
     return out
+
+
+def ports(n: int) -> list[ResolvedServicePort]:
+    return [port(i) for i in range(n)]
+
+
+def settle(limit: float) -> float:
+    """Wait until the CPUs are idle (>= 90 % over half a second, twice in a row) or ``limit``
+    seconds passed; returns the seconds waited."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)
+
+    start = time.perf_counter()
+    quiet = 0
+    while quiet < 2 and time.perf_counter() - start < limit:
+        idle0, total0 = sample()
+        time.sleep(0.5)
+        idle1, total1 = sample()
+        quiet = quiet + 1 if (idle1 - idle0) >= 0.9 * max(1, total1 - total0) else 0
+    return time.perf_counter() - start
 
 
 class TimedKernel:
@@ -71,11 +99,11 @@ class TimedKernel:
         return timed
 
     def report(self) -> str:
-        top = sorted(self.seconds.items(), key=lambda item: -item[1])[:6]
+        top = sorted(self.seconds.items(), key=lambda item: -item[1])[:12]
         return ", ".join(f"{name} {secs:.2f}s/{self.calls[name]}" for name, secs in top)
 
 
-def bench_proxier(n: int, change: bool) -> dict[str, Any]:
+def bench_proxier(n: int, changes: int, resync: bool) -> dict[str, Any]:
     from kproxy_ipvs.netlink import NetlinkKernel
     from kproxy_ipvs.proxier import IpvsProxier
 
@@ -91,20 +119,30 @@ def bench_proxier(n: int, change: bool) -> dict[str, Any]:
                            "full_ext_s": result.external_seconds,
                            "full_kernel": kernel.report(),
                            "full_kernel_s": sum(kernel.seconds.values())}
-    if change:
-        second = view(*ports(n, bump=n // 2), node_ips=())
-        partial_request = request(second, first)  # the core's change tracking, not timed
+    current = first
+    partials: list[tuple[float, float, int]] = []
+    for k in range(changes):
+        # One endpoint of one more service replaced: the core's change tracking, not timed.
+        bumped = port((n // 2 + k * 7919) % n, bumped=True)
+        second = NodeView(current.node_name, current.node_ips, current.zone,
+                          {**current.services, bumped.key: bumped})
+        partial_request = request(second, current)
+        current = second
         kernel.seconds.clear()
         kernel.calls.clear()
         start = time.perf_counter()
         result = proxier.sync(partial_request)
-        out.update(partial_s=time.perf_counter() - start, partial_ops=result.objects_written,
-                   partial_counters=dict(result.counters), partial_kernel=kernel.report())
+        elapsed = time.perf_counter() - start
+        partials.append((elapsed, sum(kernel.seconds.values()), result.objects_written))
+        out.update(partial_counters=dict(result.counters), partial_kernel=kernel.report())
+    if partials:
+        out["partials"] = partials
+    if resync:
         # The periodic resync: everything compared with the kernel, nothing to write.
         kernel.seconds.clear()
         kernel.calls.clear()
         start = time.perf_counter()
-        result = proxier.sync(request(second, second, full=True))
+        result = proxier.sync(request(current, current, full=True))
         out.update(resync_s=time.perf_counter() - start, resync_ops=result.objects_written,
                    resync_kernel=kernel.report())
     proxier.close()
@@ -147,7 +185,16 @@ def main() -> int:
     parser.add_argument("--sizes", default="1000,10000")
     parser.add_argument("--repeat", type=int, default=1,
                         help="full sync + floor pairs per size (interleaved; the one-endpoint "
-                             "change and the resync run on the last one of the largest size)")
+                             "changes and the resync run on the last one of the largest size)")
+    parser.add_argument("--changes", type=int, default=1,
+                        help="one-endpoint changes, one after the other, at the largest size")
+    parser.add_argument("--no-resync", action="store_true",
+                        help="skip the periodic full resync (minutes at 10k in the VM)")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip ipvsadm --restore and the writer alone (no ratio)")
+    parser.add_argument("--settle", type=float, default=60.0,
+                        help="at most this many seconds waiting for idle CPUs before each "
+                             "timed step (0: do not wait)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if not os.path.exists("/proc/net/ip_vs"):
@@ -156,9 +203,11 @@ def main() -> int:
         return 2
     print(f"IPVS mode, N ClusterIP services x {ENDPOINTS} endpoints, one fresh netns each")
     for n in sizes:
-        ratios = [run_size(n, n == max(sizes) and rep == args.repeat - 1)
-                  for rep in range(args.repeat)]
-        if len(ratios) > 1:
+        last = [n == max(sizes) and rep == args.repeat - 1 for rep in range(args.repeat)]
+        ratios = [run_size(n, args.changes if is_last else 0, is_last and not args.no_resync,
+                           not args.no_floor, args.settle)
+                  for is_last in last]
+        if len(ratios) > 1 and not args.no_floor:
             ratios.sort()
             print(f"N={n:>6}: ratio to the floor over {len(ratios)} pairs: median "
                   f"{ratios[len(ratios) // 2]:.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f}",
@@ -166,34 +215,52 @@ def main() -> int:
     return 0
 
 
-def run_size(n: int, change: bool) -> float:
+def run_size(n: int, changes: int, resync: bool, floor_too: bool, limit: float) -> float:
     """One full sync and its floor right after it; prints them; returns the ratio."""
+    waited = settle(limit)
     with Sandbox() as sandbox:
         ns = sandbox.netns("bench")
-        res = in_netns(ns.name, partial(bench_proxier, n, change), timeout=1800)
-    with Sandbox() as sandbox:
-        ns = sandbox.netns("floor")
-        floor = in_netns(ns.name, partial(bench_floor, n), timeout=1800)
-    with Sandbox() as sandbox:
-        ns = sandbox.netns("writer")
-        writer = in_netns(ns.name, partial(bench_bulk_ipvs, n), timeout=1800)
+        res = in_netns(ns.name, partial(bench_proxier, n, changes, resync), timeout=3600)
+    floor = writer = 0.0
+    if floor_too:
+        waited += settle(limit)
+        with Sandbox() as sandbox:
+            ns = sandbox.netns("floor")
+            floor = in_netns(ns.name, partial(bench_floor, n), timeout=1800)
+        waited += settle(limit)
+        with Sandbox() as sandbox:
+            ns = sandbox.netns("writer")
+            writer = in_netns(ns.name, partial(bench_bulk_ipvs, n), timeout=1800)
     objects = n * (1 + ENDPOINTS)
+    ratio = res["full_s"] / floor if floor else 0.0
     print(f"N={n:>6}: full sync {res['full_s']:.2f}s ({res['full_ops']} kernel writes, "
-          f"{res['full_ext_s']:.2f}s in iptables-restore); ipvsadm --restore floor for the "
-          f"{objects} IPVS objects: {floor:.2f}s (ratio {res['full_s'] / floor:.2f})",
-          flush=True)
+          f"{res['full_ext_s']:.2f}s in iptables-restore)"
+          + (f"; ipvsadm --restore floor for the {objects} IPVS objects: {floor:.2f}s "
+             f"(ratio {ratio:.2f})" if floor else "")
+          + f" [waited {waited:.1f}s for idle CPUs]", flush=True)
     print(f"N={n:>6}:   kernel calls {res['full_kernel_s']:.2f}s (bulk ones overlap): "
           f"{res['full_kernel']}", flush=True)
-    print(f"N={n:>6}:   the same {objects} IPVS objects through kproxy_ipvs.bulk alone: "
-          f"{writer:.2f}s", flush=True)
-    if "partial_s" in res:
-        print(f"N={n:>6}: one endpoint changed: partial sync {res['partial_s'] * 1000:.1f}ms, "
-              f"{res['partial_ops']} kernel writes {res['partial_counters']}; "
-              f"kernel calls: {res['partial_kernel']}", flush=True)
+    if writer:
+        print(f"N={n:>6}:   the same {objects} IPVS objects through kproxy_ipvs.bulk alone: "
+              f"{writer:.2f}s", flush=True)
+    if "partials" in res:
+        partials = res["partials"]
+        totals = sorted(p[0] * 1000 for p in partials)
+        kernels = sorted(p[1] * 1000 for p in partials)
+        rest = sorted((p[0] - p[1]) * 1000 for p in partials)
+        print(f"N={n:>6}: one endpoint changed, {len(partials)} times: partial sync median "
+              f"{statistics.median(totals):.1f}ms (range {totals[0]:.1f}-{totals[-1]:.1f}); "
+              f"kernel calls median {statistics.median(kernels):.1f}ms, the rest (Python) "
+              f"median {statistics.median(rest):.1f}ms; kernel writes "
+              f"{sorted({p[2] for p in partials})}; all (ms): "
+              + " ".join(f"{p[0] * 1000:.1f}" for p in partials), flush=True)
+        print(f"N={n:>6}:   last change: {res['partial_counters']}; kernel calls: "
+              f"{res['partial_kernel']}", flush=True)
+    if "resync_s" in res:
         print(f"N={n:>6}: full resync, nothing changed: {res['resync_s']:.2f}s, "
               f"{res['resync_ops']} kernel writes; kernel calls: {res['resync_kernel']}",
               flush=True)
-    return float(res["full_s"] / floor)
+    return float(ratio)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from typing import Protocol as _Interface
 
@@ -55,13 +53,12 @@ class Kernel(_Interface):
     def del_address(self, device: str, address: str) -> None: ...
     def local_addresses(self, exclude_device: str) -> list[str]: ...
     def ensure_set(self, name: str, set_type: str, family: int) -> None: ...
-    def ensure_sets(self, sets: Sequence[tuple[str, str, int]]) -> int: ...
+    def ensure_sets(self, sets: Sequence[tuple[str, str, int]]) -> list[str]: ...
     def list_set(self, name: str) -> set[str]: ...
     def add_entry(self, name: str, set_type: str, entry: str) -> None: ...
     def del_entry(self, name: str, set_type: str, entry: str) -> None: ...
     def destroy_set(self, name: str) -> bool: ...
     def list_set_names(self) -> list[str]: ...
-    def prepare_iptables(self, families: Sequence[int]) -> None: ...
     def restore(self, data: RestoreData) -> float: ...
     def ensure_jump(self, family: int, table: str, chain: str, args: list[str]) -> None: ...
     def ensure_jumps(self, family: int, jumps: Sequence[tuple[str, str, list[str]]]
@@ -88,10 +85,8 @@ class NetlinkKernel:
     """`Kernel` over netlink sockets opened in the calling thread's network namespace: IPVS,
     links, addresses, our sets and their entries hand-encoded (`kproxy_ipvs.bulk`, sockets
     kept open); listing and destroying other sets through pyroute2 (cleanup); iptables
-    through the core writer, prepared in the background (`prepare_iptables`)."""
-
-    #: The writers' background preparation (`prepare_iptables`), until `_writer` joined it.
-    _prepare: threading.Thread | None = None
+    through the core writer, built on first use on the sync's thread (in the emulated VM,
+    building them in the background took the CPU from the sync's netlink work)."""
 
     def __init__(self, writer_kind: str = "restore") -> None:
         self._bulk = bulk.BulkWriter()
@@ -247,9 +242,10 @@ class NetlinkKernel:
             raise ipset.IPSetError(f"ipset {name} exists with type {existing}, not {set_type}")
         self._bulk.create_sets([(name, set_type, family)])
 
-    def ensure_sets(self, sets: Sequence[tuple[str, str, int]]) -> int:
+    def ensure_sets(self, sets: Sequence[tuple[str, str, int]]) -> list[str]:
         """Every (name, type, family) set there, the missing ones created in one pipelined
-        send; an existing set of another type is an error. Returns how many were created."""
+        send; an existing set of another type is an error. Returns the names created (empty
+        sets: the caller need not list them)."""
         from kproxy_core.kernel import ipset
 
         existing = self._bulk.set_types()
@@ -262,7 +258,7 @@ class NetlinkKernel:
                 raise ipset.IPSetError(f"ipset {name} exists with type {have}, not {set_type}")
         if missing:
             self._bulk.create_sets(missing)
-        return len(missing)
+        return [name for name, _type, _family in missing]
 
     def list_set(self, name: str) -> set[str]:
         set_type = _SET_TYPES.get(name)
@@ -294,34 +290,7 @@ class NetlinkKernel:
 
     # -- iptables ----------------------------------------------------------------------------
 
-    def prepare_iptables(self, families: Sequence[int]) -> None:
-        """Build the iptables writers in a background thread (the core's first-use backend
-        detection runs four ``iptables-*-save`` commands: seconds on a slow machine), so it
-        overlaps the netlink work of the first sync. `_writer` waits for it. A failure here
-        is left for the sync's own call to raise again."""
-        if self._prepare is not None:
-            return
-
-        def build() -> None:
-            for family in families:
-                try:
-                    self._build_writer(family)
-                except Exception:  # the sync's own call raises it again
-                    continue
-
-        # A thread shares the network namespace of the thread that starts it.
-        self._prepare = threading.Thread(target=build, daemon=True,
-                                         name="kproxy-ipvs-iptables-prepare")
-        self._prepare.start()
-
     def _writer(self, family: int) -> Any:
-        preparing = self._prepare
-        if preparing is not None and preparing is not threading.current_thread():
-            preparing.join()
-            self._prepare = None
-        return self._build_writer(family)
-
-    def _build_writer(self, family: int) -> Any:
         writer = self._writers.get(family)
         if writer is None:
             from kproxy_core.kernel.iptables_writers import make_writer
@@ -361,12 +330,11 @@ class NetlinkKernel:
     @staticmethod
     def _missing_jumps(writer: Any, jumps: Sequence[tuple[str, str, list[str]]]
                        ) -> dict[str, list[str]]:
-        """Table -> ``-I chain 1 ...`` lines for the jumps its ``iptables-save`` lacks (the
-        tables' saves at once: they are processes)."""
+        """Table -> ``-I chain 1 ...`` lines for the jumps the tables lack, from one
+        ``iptables-save`` of every table (each process cost about half a second in the
+        emulated VM)."""
         tables = list(dict.fromkeys(table for table, _chain, _args in jumps))
-        with ThreadPoolExecutor(max_workers=max(1, len(tables))) as pool:
-            saved = {table: set(text.splitlines())
-                     for table, text in zip(tables, pool.map(writer.save, tables), strict=True)}
+        saved = _saved_lines(writer, tables)
         missing: dict[str, list[str]] = {}
         for table, chain, args in jumps:
             rendered = " ".join(quote(arg) for arg in args)
@@ -403,6 +371,29 @@ class NetlinkKernel:
                               capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SyncError(f"ipvsadm --set failed: {proc.stderr.strip()}")
+
+
+def _saved_lines(writer: Any, tables: Sequence[str]) -> dict[str, set[str]]:
+    """Table -> the lines ``iptables-save`` prints for it (none for a table not there), from
+    one save of every table; the writer's per-table saves if its save binary is not found."""
+    from kproxy_core.kernel.iptables_writers import COMMAND_TIMEOUT, find_binary
+
+    binary = find_binary(writer.family, writer.backend, "save")
+    if binary is None:
+        return {table: set(writer.save(table).splitlines()) for table in tables}
+    proc = subprocess.run([binary], capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+                          check=False)
+    if proc.returncode != 0:
+        raise SyncError(f"{os.path.basename(binary)} exited {proc.returncode}: "
+                        f"{proc.stderr.strip()}")
+    out: dict[str, set[str]] = {table: set() for table in tables}
+    lines: set[str] | None = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("*"):
+            lines = out.get(line[1:].strip())
+        elif lines is not None:
+            lines.add(line)
+    return out
 
 
 def entries_of(kernel: Kernel, names: Iterable[str]) -> dict[str, set[str]]:

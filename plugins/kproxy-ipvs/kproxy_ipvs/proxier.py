@@ -95,10 +95,10 @@ class IpvsProxier(Backend):
         self.local_traffic = LocalTrafficDetector(config)
         self.node_port_addresses = list(config_value(config, "nodePortAddresses", ()))
         self.families: tuple[int, ...] = tuple(sorted(set(context.families))) or (4,)
+        # The iptables writers are built by the first sync, after its netlink work: building
+        # them beside it (the core's backend detection is four save processes) took the
+        # CPU from that work in the emulated 2-vCPU VM and made the first sync slower.
         self.kernel: Kernel = kernel if kernel is not None else NetlinkKernel()
-        # The iptables writers (the core detects the backend on first use: four save
-        # commands) get ready while the first sync does its netlink work.
-        self.kernel.prepare_iptables(self.families)
         self._ports: dict[ServicePortKey, PortState] = {}
         self._services: dict[VSKey, tuple[VirtualServer, frozenset[RealServer]]] = {}
         #: Real servers over ``_services`` (kept up to date: a partial sync stays O(changed)).
@@ -301,15 +301,17 @@ class IpvsProxier(Backend):
                 del self._external_drops[drop]
         return flipped_addresses, flipped_entries
 
-    def _ensure_sets(self) -> None:
-        self.kernel.ensure_sets([(rules.set_name(spec.name, family), spec.type, family)
-                                 for family in self.families for spec in rules.SETS])
+    def _ensure_sets(self) -> set[str]:
+        """Our sets there; returns the names just created (empty: no need to list them)."""
+        return set(self.kernel.ensure_sets([(rules.set_name(spec.name, family), spec.type,
+                                             family)
+                                            for family in self.families for spec in rules.SETS]))
 
     def _full_sync(self, request: SyncRequest) -> float:
         # The sets first (the iptables rules name them); kube-ipvs0 only when its addresses go
         # in, alongside the other bulk steps: creating a device took seconds in the emulated
         # VM. Until then it has no addresses to list, and none to leave out of the node's.
-        self._ensure_sets()
+        created = self._ensure_sets()
         self._compute_node_ips()
         self._desired_all(request)
         # Virtual and real servers.
@@ -363,7 +365,7 @@ class IpvsProxier(Backend):
             for spec in rules.SETS:
                 name = rules.set_name(spec.name, family)
                 desired = set(self._entries.get((family, spec.name), ()))
-                have = self.kernel.list_set(name)
+                have = set() if name in created else self.kernel.list_set(name)
                 for entry in sorted(have - desired):
                     self.kernel.del_entry(name, spec.type, entry)
                     self._op("set_entry_del")
@@ -377,18 +379,15 @@ class IpvsProxier(Backend):
                     self.kernel.add_entries(name, set_type, entries)
 
             bulk_jobs.append(add_entries)
-        # iptables: our chains first (the restore creates them), then the jumps to them. The
-        # rules depend on which sets are non-empty, not on their entries, and the sets exist:
-        # they go in alongside the bulk netlink writes (processes, not this one's CPU).
+        # The bulk steps at once: separate kernel subsystems, and their work is in the kernel.
+        _concurrently(bulk_jobs)
+        # Then iptables: our chains (the restore creates them) and the missing jumps to them
+        # in one restore. Not alongside the bulk steps: its processes (and, on first use, the
+        # core's backend detection) took the CPU from them in the emulated 2-vCPU VM, and
+        # the first sync got slower, not faster.
         self._rules_text = {}
         self._rules_inputs = {}
-        elapsed: list[float] = []
-
-        def iptables() -> None:
-            elapsed.append(self._write_rules(with_jumps=True))
-
-        _concurrently([iptables, *bulk_jobs])
-        return elapsed[0] if elapsed else 0.0
+        return self._write_rules(with_jumps=True)
 
     def _sync_reals(self, key: VSKey, desired: frozenset[RealServer],
                     current: Mapping[RealServer, int], *, is_new: bool) -> None:

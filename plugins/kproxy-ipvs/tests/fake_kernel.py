@@ -24,7 +24,10 @@ class FakeKernel:
         self.local = ["10.99.0.1", "192.168.5.5"]
         self.writes: list[str] = []
         self.bulk_calls = 0
-        self.prepared: tuple[int, ...] = ()
+        #: Bulk writes and iptables restores in the order they ran.
+        self.steps: list[str] = []
+        #: Sets listed (their entries read).
+        self.listed: list[str] = []
         self.schedulers = {"rr", "lc", "wrr", "sh", "mh"}
 
     def _w(self, what: str) -> None:
@@ -69,6 +72,7 @@ class FakeKernel:
     def add_services(self, items: Sequence[tuple[VirtualServer, Sequence[RealServer]]]
                      ) -> None:
         self.bulk_calls += 1
+        self.steps.append("add_services")
         for vs, reals in items:
             self.add_service(vs)
             for real in reals:
@@ -76,11 +80,13 @@ class FakeKernel:
 
     def add_addresses(self, device: str, addresses: Sequence[str]) -> None:
         self.bulk_calls += 1
+        self.steps.append("add_addresses")
         for address in addresses:
             self.add_address(device, address)
 
     def add_entries(self, name: str, set_type: str, entries: Sequence[str]) -> None:
         self.bulk_calls += 1
+        self.steps.append("add_entries")
         for entry in entries:
             self.add_entry(name, set_type, entry)
 
@@ -107,17 +113,18 @@ class FakeKernel:
     def ensure_set(self, name: str, set_type: str, family: int) -> None:
         self.sets.setdefault(name, (set_type, set()))
 
-    def ensure_sets(self, sets: Sequence[tuple[str, str, int]]) -> int:
-        created = 0
-        for name, set_type, family in sets:
+    def ensure_sets(self, sets: Sequence[tuple[str, str, int]]) -> list[str]:
+        for name, set_type, _family in sets:
             have = self.sets.get(name)
             if have is not None and have[0] != set_type:
                 raise ipset.IPSetError(f"ipset {name} exists with type {have[0]}")
-            created += have is None
+        created = [name for name, _type, _family in sets if name not in self.sets]
+        for name, set_type, family in sets:
             self.ensure_set(name, set_type, family)
         return created
 
     def list_set(self, name: str) -> set[str]:
+        self.listed.append(name)
         return set(self.sets[name][1])
 
     def add_entry(self, name: str, set_type: str, entry: str) -> None:
@@ -135,11 +142,9 @@ class FakeKernel:
     def list_set_names(self) -> list[str]:
         return list(self.sets)
 
-    def prepare_iptables(self, families: Sequence[int]) -> None:
-        self.prepared = tuple(families)
-
     def restore(self, data: RestoreData) -> float:
         self.restored.append(data)
+        self.steps.append("restore")
         return 0.001
 
     def restore_with_jumps(self, data: RestoreData,

@@ -224,7 +224,7 @@ def test_address_batches_add_replace_and_delete(node: NetNS) -> None:
 
 @pytest.mark.root
 def test_links_and_jumps_through_the_netlink_kernel() -> None:
-    """ensure_jumps inserts only what ``iptables-save`` lacks, in one restore; the dummy
+    """ensure_jumps inserts only what one ``iptables-save`` lacks, in one restore; the dummy
     device helper (this host has no dummy driver: the kernel's refusal is the error) and link
     deletion by index."""
     from kproxy_ipvs.netlink import NetlinkKernel
@@ -240,7 +240,6 @@ def test_links_and_jumps_through_the_netlink_kernel() -> None:
         kernel = NetlinkKernel.__new__(NetlinkKernel)  # no IPVS on this host: skip its probe
         kernel._bulk, kernel._writer_kind = writer, "restore"
         kernel._writers, kernel._ipset = {}, None
-        kernel.prepare_iptables([4])  # the writers built in the background; restore waits
         data = RestoreData(4)
         for table, chain in {("nat", "KUBE-SERVICES"), ("nat", "KUBE-POSTROUTING"),
                              ("filter", "KUBE-FORWARD"), ("filter", "KUBE-NODE-PORT"),

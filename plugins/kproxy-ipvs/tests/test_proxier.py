@@ -299,17 +299,34 @@ def test_first_sync_adds_new_objects_in_bulk_and_counts_each() -> None:
     assert result.objects_written == len(kernel.writes) + 1
 
 
-def test_iptables_prepared_at_construction_and_every_set_ensured_in_one_call() -> None:
+def test_every_set_ensured_in_one_call_and_iptables_after_the_bulk_steps() -> None:
     proxier, kernel = make(families=(4, 6))
-    assert kernel.prepared == (4, 6)  # the writers get ready before the first sync
     kernel.sets["KUBE-CLUSTER-IP"] = ("hash:ip", set())  # someone else's set of another type
     with pytest.raises(SyncError, match="KUBE-CLUSTER-IP"):
         proxier.sync(request(view(WEB)))
+    assert not kernel.restored  # nothing of iptables before the first sync gets that far
     del kernel.sets["KUBE-CLUSTER-IP"]
+    kernel.steps.clear()
     proxier.sync(request(view(WEB)))
     assert set(kernel.sets) == {rules.set_name(spec.name, family)
                                 for spec in rules.SETS for family in (4, 6)}
     assert kernel.restored and kernel.jumps
+    # The restores (one per family, jumps included) only once the bulk netlink steps ended.
+    assert sorted(kernel.steps[-2:]) == ["restore", "restore"]
+    assert {"add_services", "add_addresses", "add_entries"} <= set(kernel.steps[:-2])
+
+
+def test_sets_just_created_are_not_listed_and_existing_ones_are() -> None:
+    proxier, kernel = make()
+    kernel.sets["KUBE-CLUSTER-IP"] = ("hash:ip,port", {"10.96.9.9,tcp:80"})  # a leftover
+    proxier.sync(request(view(WEB)))
+    # Only the set that was there is read (and its stale entry removed); the ones created
+    # by this sync are known to be empty.
+    assert kernel.listed == ["KUBE-CLUSTER-IP"]
+    assert "10.96.9.9,tcp:80" not in kernel.sets["KUBE-CLUSTER-IP"][1]
+    kernel.listed.clear()
+    proxier.sync(request(view(WEB), view(WEB), full=True))
+    assert sorted(kernel.listed) == sorted(rules.set_name(spec.name, 4) for spec in rules.SETS)
 
 
 def test_ipv6_sets_use_the_kube_6_prefix() -> None:
