@@ -15,11 +15,17 @@ from pathlib import Path
 import pytest
 
 from kproxy_core import hookimpl
-from kproxy_core.agent import ModeNotFound, Proxy, health_check_ports, no_local_endpoints
+from kproxy_core.agent import (
+    FULL_SYNC_PERIOD,
+    ModeNotFound,
+    Proxy,
+    health_check_ports,
+    no_local_endpoints,
+)
 from kproxy_core.backend import Backend, BackendContext, SyncError, SyncRequest, SyncResult
 from kproxy_core.config import load_config
 from kproxy_core.plugins import KproxyPluginManager
-from kproxy_core.sync import SyncReport
+from kproxy_core.sync import SyncReport, Trigger
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "manifests"
 
@@ -33,14 +39,41 @@ class RecordingBackend(Backend):
         self.requests: list[SyncRequest] = []
         self.fail_times = fail_times
         self.lock = threading.Lock()
+        #: Answer of `needs_full_sync` (a canary monitor's finding, in a real mode).
+        self.disturbed = False
+        #: When set, each `sync` releases `entered` once, then takes one permit of `gate`.
+        self.gate: threading.Semaphore | None = None
+        self.entered = threading.Semaphore(0)
 
     def sync(self, request: SyncRequest) -> SyncResult:
+        gate = self.gate
+        if gate is not None:
+            self.entered.release()
+            assert gate.acquire(timeout=10), "the test never let this sync through"
         with self.lock:
             self.requests.append(request)
             if self.fail_times > 0:
                 self.fail_times -= 1
                 raise SyncError("injected failure")
         return SyncResult(objects_written=len(request.changed), counters={"rows": 1})
+
+    def needs_full_sync(self) -> bool:
+        return self.disturbed
+
+
+class PartialPeriodicBackend(RecordingBackend):
+    """A mode like iptables/nftables: periodic syncs are partial."""
+
+    name = "partial-periodic"
+    periodic_full_sync = False
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 5000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def _free_port() -> int:
@@ -68,9 +101,11 @@ def _proxy(tmp_path: Path, **kwargs: object) -> tuple[Proxy, RecordingBackend, P
         plugins.options(),
     )
     fail_times = int(kwargs.pop("fail_times", 0))  # type: ignore[call-overload]
+    backend_class = kwargs.pop("backend_class", RecordingBackend)
+    assert isinstance(backend_class, type) and issubclass(backend_class, RecordingBackend)
     context = BackendContext(config=config, node_name="node",
                              logger=logging.getLogger("test"), plugins=plugins)
-    backend = RecordingBackend(context, fail_times=fail_times)
+    backend = backend_class(context, fail_times=fail_times)
     proxy = Proxy(config, plugins=plugins, backend=backend, **kwargs)  # type: ignore[arg-type]
     return proxy, backend, manifests
 
@@ -208,3 +243,163 @@ def test_no_local_endpoints_counts_local_policies_without_local_endpoints() -> N
         service_port("empty", "10.96.0.4", 80, [], internal_policy_local=True),
     )
     assert no_local_endpoints(view) == (1, 1)
+
+
+# -- full or partial: upstream's doFullSync ------------------------------------------------------
+
+
+class Reports:
+    """Every sync report, through the observation hook."""
+
+    def __init__(self) -> None:
+        self.reports: list[SyncReport] = []
+        self.cond = threading.Condition()
+
+    @hookimpl
+    def kproxy_sync_finished(self, report: SyncReport) -> None:
+        with self.cond:
+            self.reports.append(report)
+            self.cond.notify_all()
+
+    def run(self, proxy: Proxy, trigger: Trigger) -> SyncReport:
+        """Ask the running proxy's loop for a sync with ``trigger``; its report."""
+        with self.cond:
+            seen = len(self.reports)
+            proxy.runner.request(trigger)
+            assert self.cond.wait_for(
+                lambda: any(r.trigger is trigger for r in self.reports[seen:]), 10
+            ), f"no {trigger.value} sync"
+            return next(r for r in self.reports[seen:] if r.trigger is trigger)
+
+
+def _started(tmp_path: Path, **kwargs: object) -> tuple[Proxy, RecordingBackend, Reports]:
+    proxy, backend, _ = _proxy(tmp_path, serve_http=False, **kwargs)
+    reports = Reports()
+    proxy.plugins.register(reports)
+    proxy.start()
+    proxy.wait_until_synced(30)
+    # Drains the start-up requests: sync_now answers with a sync that started after it, so
+    # nothing is pending to swallow the test's own trigger (requests coalesce).
+    assert not proxy.sync_now().full
+    first = reports.reports[0]
+    assert first.full and first.full_reason == "first sync"
+    return proxy, backend, reports
+
+
+def _partial_count(proxy: Proxy) -> float:
+    return proxy.metrics.sample("kubeproxy_sync_partial_proxy_rules_duration_seconds_count") or 0
+
+
+def _full_count(proxy: Proxy) -> float:
+    return proxy.metrics.sample("kubeproxy_sync_full_proxy_rules_duration_seconds_count") or 0
+
+
+def test_periodic_sync_is_partial_when_the_mode_says_so(tmp_path: Path) -> None:
+    proxy, backend, reports = _started(tmp_path, backend_class=PartialPeriodicBackend)
+    try:
+        partial_before, full_before = _partial_count(proxy), _full_count(proxy)
+        report = reports.run(proxy, Trigger.PERIODIC)
+        assert report.ok and not report.full and report.full_reason == ""
+        assert not backend.requests[-1].full
+        assert backend.requests[-1].changed == frozenset()
+        # Metrics and the histogram split follow the sync's kind, as upstream's.
+        assert _partial_count(proxy) == partial_before + 1
+        assert _full_count(proxy) == full_before
+    finally:
+        proxy.stop()
+
+
+def test_periodic_sync_stays_full_for_modes_that_reconcile_every_period(
+        tmp_path: Path) -> None:
+    # The default (IPVS, third-party modes): as upstream's IPVS proxier, every period.
+    proxy, backend, reports = _started(tmp_path)
+    try:
+        assert type(backend).periodic_full_sync is True
+        full_before = _full_count(proxy)
+        report = reports.run(proxy, Trigger.PERIODIC)
+        assert report.ok and report.full and report.full_reason == "periodic"
+        assert backend.requests[-1].full
+        assert _full_count(proxy) == full_before + 1
+        # Other triggers stay partial.
+        assert not reports.run(proxy, Trigger.CHANGE).full
+    finally:
+        proxy.stop()
+
+
+def test_a_full_sync_runs_once_the_last_is_older_than_the_full_sync_period(
+        tmp_path: Path) -> None:
+    clock = FakeClock()
+    proxy, backend, reports = _started(tmp_path, backend_class=PartialPeriodicBackend,
+                                       clock=clock)
+    try:
+        clock.now += FULL_SYNC_PERIOD  # not older yet: upstream's test is "more than"
+        assert not reports.run(proxy, Trigger.PERIODIC).full
+        clock.now += 1
+        report = reports.run(proxy, Trigger.PERIODIC)
+        assert report.full and report.full_reason == "full-sync period elapsed"
+        assert backend.requests[-1].full
+        # The clock restarts at that full sync.
+        clock.now += FULL_SYNC_PERIOD / 2
+        assert not reports.run(proxy, Trigger.PERIODIC).full
+        # Any trigger counts: a node whose changes keep the loop busy never sees a
+        # periodic one.
+        clock.now += FULL_SYNC_PERIOD
+        report = reports.run(proxy, Trigger.CHANGE)
+        assert report.full and report.full_reason == "full-sync period elapsed"
+    finally:
+        proxy.stop()
+
+
+def test_a_failed_partial_sync_makes_the_next_periodic_sync_full(tmp_path: Path) -> None:
+    proxy, backend, reports = _started(tmp_path, backend_class=PartialPeriodicBackend)
+    proxy._backoff.initial = 3600  # the retry would race the test's own periodic trigger
+    try:
+        backend.fail_times = 1
+        failed = reports.run(proxy, Trigger.PERIODIC)
+        assert not failed.ok and not failed.full
+        report = reports.run(proxy, Trigger.PERIODIC)
+        assert report.ok and report.full and report.full_reason == "after a failed sync"
+        assert proxy.metrics.sample("kproxy_sync_errors_total", {"full": "false"}) == 1.0
+        # Once repaired, periodic syncs are partial again.
+        assert not reports.run(proxy, Trigger.PERIODIC).full
+    finally:
+        proxy.stop()
+
+
+def test_a_disturbed_dataplane_makes_the_periodic_sync_full(tmp_path: Path) -> None:
+    proxy, backend, reports = _started(tmp_path, backend_class=PartialPeriodicBackend)
+    try:
+        backend.disturbed = True
+        report = reports.run(proxy, Trigger.PERIODIC)
+        assert report.full and report.full_reason == "backend asked"
+    finally:
+        proxy.stop()
+
+
+def test_sync_now_full_during_a_running_partial_sync_waits_for_a_full_one(
+        tmp_path: Path) -> None:
+    proxy, backend, reports = _started(tmp_path, backend_class=PartialPeriodicBackend)
+    gate = threading.Semaphore(0)
+    backend.gate = gate
+    try:
+        proxy.runner.request(Trigger.PERIODIC)
+        assert backend.entered.acquire(timeout=10), "the periodic sync did not start"
+        # The running sync decided "partial" before this request: it must not answer it.
+        result: list[SyncReport] = []
+        waiter = threading.Thread(target=lambda: result.append(proxy.sync_now(full=True)))
+        waiter.start()
+        gate.release()  # the partial sync ends...
+        assert backend.entered.acquire(timeout=10), "the requested sync did not start"
+        periodic = next(r for r in reports.reports if r.trigger is Trigger.PERIODIC)
+        assert not periodic.full
+        waiter.join(0.5)  # ...and would have woken a waiter content with any later report
+        assert waiter.is_alive() and not result, f"sync_now answered with {result}"
+        gate.release()
+        waiter.join(10)
+        assert result, "sync_now did not return"
+        assert result[0].full and result[0].full_reason == "requested"
+    finally:
+        backend.gate = None
+        for _ in range(4):
+            gate.release()
+        proxy.stop()
