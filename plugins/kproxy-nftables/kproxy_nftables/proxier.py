@@ -193,9 +193,22 @@ class Slots:
             self.released = []
 
 
+#: An address map that lost its last user is deleted by a sync at least this many seconds
+#: later, in a transaction of its own (upstream's timing for stale chains): the transaction
+#: that flushed the last rule naming it may not have released it yet ("Device or resource
+#: busy"), and a failed delete must not fail the sync that programs services.
+STALE_MAP_SECONDS = 1.0
+
+
+def address_maps_of(render: R.PortRender) -> set[str]:
+    """The address maps ``render``'s rules name (each service/local chain holds at least one
+    endpoint, hence an element, in the map its dnat rule names)."""
+    return {e.map for e in render.elements if R.is_address_map(e.map)}
+
+
 class _FamilyState:
-    __slots__ = ("cfg", "chain_count", "cluster_ip_refs", "hairpin_refs", "programmed",
-                 "slots", "stale_chains")
+    __slots__ = ("address_map_users", "cfg", "chain_count", "cluster_ip_refs", "hairpin_refs",
+                 "programmed", "slots", "stale_chains", "stale_maps")
 
     def __init__(self) -> None:
         self.cfg: R.FamilyConfig | None = None
@@ -207,6 +220,11 @@ class _FamilyState:
         self.slots = Slots()
         #: Chains flushed on an old kernel, deleted on a later sync.
         self.stale_chains: set[str] = set()
+        #: Address map -> programmed ports whose rules name it.
+        self.address_map_users: dict[str, int] = {}
+        #: Address maps in the kernel that no rule names, -> `time.monotonic` when they lost
+        #: their last user; deleted `STALE_MAP_SECONDS` later (`_delete_stale_maps`).
+        self.stale_maps: dict[str, float] = {}
 
 
 class NftablesProxier(Backend):
@@ -282,6 +300,12 @@ class NftablesProxier(Backend):
                     or R.is_endpoints_map(s) or R.is_address_map(s)}
             plan = full_plan(cfg, renders.values(), chains, sets,
                              defer_deletes=not self.delete_at_once)
+            map_users = Counter(m for r in renders.values() for m in address_maps_of(r))
+            now = time.monotonic()
+            # Unused address maps are flushed now (full_plan) and deleted by a later sync;
+            # one already waiting keeps its time.
+            stale_maps = {m: state.stale_maps.get(m, now) for m in sets
+                          if R.is_address_map(m) and m not in map_users}
 
             def commit_full() -> None:
                 state.cfg = cfg
@@ -292,6 +316,8 @@ class NftablesProxier(Backend):
                 state.hairpin_refs = dict(Counter(
                     ip for r in renders.values() for ip in r.hairpin))
                 state.stale_chains = set(plan.stale)
+                state.address_map_users = dict(map_users)
+                state.stale_maps = stale_maps
                 state.slots.commit()
 
             return plan, commit_full
@@ -307,6 +333,7 @@ class NftablesProxier(Backend):
                                  existing=nft.list_names(family))
         plan.delete_chains.extend(sorted(state.stale_chains))
         chains_before = state.chain_count
+        now = time.monotonic()
         for key in sorted((k for k in request.changed if k.family == family), key=_sort_key):
             old = state.programmed.get(key, R.EMPTY_RENDER)
             port = request.view.services.get(key)
@@ -316,6 +343,14 @@ class NftablesProxier(Backend):
             if old == new:
                 continue
             diff_plan(plan, old, new)
+            old_maps, new_maps = address_maps_of(old), address_maps_of(new)
+            for name in sorted(old_maps - new_maps):
+                if journal.count(state.address_map_users, name, -1) <= 0:
+                    journal.put(state.stale_maps, name, now)
+            for name in sorted(new_maps - old_maps):
+                # A map deleted earlier is declared again by diff_plan.
+                if journal.count(state.address_map_users, name, 1) == 1:
+                    journal.put(state.stale_maps, name, None)
             if old.cluster_ip != new.cluster_ip:
                 if old.cluster_ip and journal.count(state.cluster_ip_refs, old.cluster_ip,
                                                     -1) <= 0:
@@ -352,7 +387,44 @@ class NftablesProxier(Backend):
             journal.rollback()
             raise
 
+    def _delete_stale_maps(self) -> None:
+        """Delete the address maps unused for `STALE_MAP_SECONDS`, in a transaction of their
+        own: if it fails they are retried by a later sync, and this one goes on."""
+        now = time.monotonic()
+        due: list[tuple[_FamilyState, str]] = []
+        lines: list[str] = []
+        for family in self.families:
+            state = self.state[family]
+            if state.cfg is None:
+                continue
+            for name, since in sorted(state.stale_maps.items()):
+                if now - since >= STALE_MAP_SECONDS and not state.address_map_users.get(name):
+                    due.append((state, name))
+                    lines.append(f"delete map {R.nft_family(family)} {R.TABLE} {name}")
+        if not lines:
+            return
+        try:
+            messages = netlink.encode(lines) if self.use_netlink else None
+            if messages is not None:
+                netlink.send(lines, messages, connection=self._netlink)
+            else:
+                nft.apply(lines)
+        except (nft.NftError, netlink.NetlinkError, OSError) as exc:
+            self.context.logger.warning(
+                "could not delete %d unused address map(s), will retry: %s", len(due), exc)
+            for state, name in due:
+                state.stale_maps[name] = now
+            return
+        self.context.logger.info("deleted %d unused address map(s): %s", len(due),
+                                 ", ".join(name for _, name in due))
+        for state, name in due:
+            del state.stale_maps[name]
+
     def _sync(self, request: SyncRequest, journal: _Journal) -> SyncResult:
+        if not request.full:
+            # A full sync (also the one after someone deleted the table) re-lists the maps
+            # and keeps the unused ones waiting; the next partial sync deletes them.
+            self._delete_stale_maps()
         plans: list[tuple[int, Plan, Callable[[], None]]] = []
         for family in self.families:
             full = request.full or self.state[family].cfg is None
