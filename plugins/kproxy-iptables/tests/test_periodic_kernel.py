@@ -1,0 +1,71 @@
+"""What a periodic sync does to the kernel now that it is partial (``periodic_full_sync =
+False``, as upstream): with no change, per-service chains are left alone (their rules and
+counters stay), the top-level chains are rewritten (so drift there is repaired every sync
+period), and drift inside per-service chains waits for the next full sync (hourly, or at once
+after a canary loss or a failed sync). Real kernel, inside a namespace; no traffic needed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from iptables_helpers import ep, key, svc
+from iptables_host import ProxierHost
+from kproxy_iptables import rules as R
+from kproxy_iptables.proxier import IptablesProxier
+
+from kproxy_core.testing.netns import Sandbox
+
+pytestmark = pytest.mark.root
+
+WEB = svc(key("default", "web", "http"), "10.96.0.10", 80, node_port=30080,
+          endpoints=[ep("10.244.2.2", 8080), ep("10.244.2.3", 8080)])
+OTHER = svc(key("default", "other", "http"), "10.96.0.11", 80,
+            endpoints=[ep("10.244.2.4", 8080)])
+SEP = R.endpoint_chain(WEB.name, "10.244.2.2:8080")
+# Appended after the DNAT (never reached); only its presence matters.
+SEP_MARKER = ["-m", "comment", "--comment", "foreign-in-sep", "-j", "RETURN"]
+TOP_MARKER = ["-m", "comment", "--comment", "foreign-in-services", "-j", "RETURN"]
+
+
+@pytest.fixture()
+def host() -> Iterator[ProxierHost]:
+    if os.geteuid() != 0:
+        pytest.fail("kernel tests need root (they create network namespaces)")
+    sandbox = Sandbox()
+    proxier: ProxierHost | None = None
+    try:
+        node = sandbox.netns("node")
+        proxier = ProxierHost(node.name, {"clusterCIDR": "10.244.0.0/16"})
+        yield proxier
+    finally:
+        if proxier is not None:
+            proxier.close()
+        sandbox.close()
+
+
+def test_the_mode_asks_for_partial_periodic_syncs() -> None:
+    assert IptablesProxier.periodic_full_sync is False
+
+
+def test_periodic_partial_sync_leaves_service_chains_and_rewrites_the_top_level(
+        host: ProxierHost) -> None:
+    full = host.sync(WEB, OTHER, full=True)
+    host.call("writer", ("ensure_rule", ("nat", SEP, SEP_MARKER)))
+    host.call("writer", ("ensure_rule", ("nat", "KUBE-SERVICES", TOP_MARKER)))
+    assert "foreign-in-sep" in host.save("nat")
+
+    # The periodic sync of a quiet node: nothing changed, not full.
+    result = host.sync(WEB, OTHER)
+    nat = host.save("nat")
+    assert "foreign-in-sep" in nat, "a no-change partial sync rewrote a per-service chain"
+    assert "foreign-in-services" not in nat, "the top-level chains were not rewritten"
+    assert "-A KUBE-SERVICES -d 10.96.0.10/32" in nat
+    assert result.objects_written < full.objects_written
+
+    # The hourly (or canary/failure-forced) full sync repairs drift inside service chains.
+    host.sync(WEB, OTHER, full=True)
+    nat = host.save("nat")
+    assert "foreign-in-sep" not in nat
+    assert f":{SEP}" in nat
