@@ -391,12 +391,13 @@ class Proxy:
         self._pending_previous.clear()
         self._pending_triggers.clear()
         level = logging.INFO if report.full else logging.DEBUG
+        # The reason goes last: benchmarks parse the line's head ("synced full: ...").
         log.log(level, "synced %s: %d service ports, %d changed, %.3fs (external %.3fs), "
-                "%d objects written",
-                f"full ({report.full_reason})" if report.full else "partial",
-                report.services, report.changed,
+                "%d objects written%s",
+                "full" if report.full else "partial", report.services, report.changed,
                 report.duration, report.result.external_seconds if report.result else 0.0,
-                report.result.objects_written if report.result else 0)
+                report.result.objects_written if report.result else 0,
+                f" ({report.full_reason})" if report.full_reason else "")
 
     def _clear_stale_conntrack(self, request: SyncRequest) -> None:
         udp_keys = [key for key in request.changed if key.name.protocol == "UDP"]
