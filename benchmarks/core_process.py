@@ -31,6 +31,7 @@ from typing import Any
 from core_scale import endpoint_slice, service
 
 from kproxy_core.testing.apiserver import ApiServer
+from kproxy_core.testing.signals import exit_on_signals
 
 
 def _free_port() -> int:
@@ -129,6 +130,7 @@ def run(count: int) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    exit_on_signals()  # SIGTERM/SIGINT unwind through the sandbox's cleanup
     if os.environ.get("KPROXY_BENCH_NETNS") is None:
         # kproxy cleans other modes' leftovers at start-up: keep that (and everything else)
         # inside a namespace of our own, never the host's.

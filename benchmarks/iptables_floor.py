@@ -35,6 +35,7 @@ from collections.abc import Callable
 from kproxy_core.kernel.iptables_writers import Backend, WriterKind, make_writer
 from kproxy_core.testing.innetns import in_netns
 from kproxy_core.testing.netns import Sandbox
+from kproxy_core.testing.signals import exit_on_signals
 
 Text = str
 
@@ -188,6 +189,7 @@ def isolate(sizes: list[int], budget: float) -> None:
 
 
 def main() -> None:
+    exit_on_signals()  # SIGTERM/SIGINT unwind through the sandboxes' cleanup
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 10000])

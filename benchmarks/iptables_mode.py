@@ -60,6 +60,7 @@ from kproxy_core.model import (
 from kproxy_core.plugins import KproxyPluginManager
 from kproxy_core.testing.innetns import in_netns
 from kproxy_core.testing.netns import NetNS, Sandbox
+from kproxy_core.testing.signals import exit_on_signals
 
 CLUSTER_CIDR = "10.244.0.0/16"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -370,6 +371,7 @@ def plot(results: list[dict[str, Any]], floors: list[dict[str, Any]], path: str)
 
 
 def main() -> None:
+    exit_on_signals()  # SIGTERM/SIGINT unwind through the sandboxes' cleanup
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 10000])

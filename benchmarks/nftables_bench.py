@@ -35,6 +35,7 @@ from kproxy_core.backend import SyncRequest
 from kproxy_core.model import NodeView, ResolvedServicePort
 from kproxy_core.testing.innetns import in_netns
 from kproxy_core.testing.netns import Sandbox
+from kproxy_core.testing.signals import exit_on_signals
 
 ENDPOINTS = 5
 
@@ -113,6 +114,7 @@ def bench(n: int, changes: int, kinds: tuple[str, ...]) -> dict[str, Any]:
 
 
 def main() -> int:
+    exit_on_signals()  # SIGTERM/SIGINT unwind through the sandboxes' cleanup
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,5000,10000")
     parser.add_argument("--changes", type=int, default=5,

@@ -4,9 +4,12 @@ date and machine."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from kproxy_core.testing.signals import exit_on_signals
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,8 +35,19 @@ def main(argv: list[str]) -> int:
             print(f"  {name:<24} {summary}")
         return 2 if argv else 0
     name, *args = argv
-    return subprocess.run([sys.executable, str(HERE / f"{name}.py"), *args],
-                          check=False).returncode
+    exit_on_signals()
+    # Its own session: a Ctrl-C reaches the script once, through us, not twice.
+    child = subprocess.Popen([sys.executable, str(HERE / f"{name}.py"), *args],
+                             start_new_session=True)
+    try:
+        return child.wait()
+    except SystemExit as exc:
+        # Passed on (subprocess.run would SIGKILL the script, leaving its sandbox behind):
+        # the script cleans up and exits, and so do we.
+        code = exc.code if isinstance(exc.code, int) and exc.code > 128 else 0
+        child.send_signal(code - 128 if code else signal.SIGTERM)
+        child.wait()
+        raise
 
 
 if __name__ == "__main__":

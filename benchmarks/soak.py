@@ -60,6 +60,7 @@ from e2e_netns import NetnsThread
 
 from kproxy_core.demo import Ep, endpoint_slice_obj, service_obj, svc_port
 from kproxy_core.testing.netns import wait_for_port
+from kproxy_core.testing.signals import exit_on_signals
 
 FIXED_IP = "10.96.200.1"
 #: the fixed service's target port: the logging server (the pods' echo server keeps 8080)
@@ -636,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         # Internal: the fixed service's endpoint, started by the soak inside a pod.
         serve_log(argv[1], int(argv[2]), Path(argv[3]))
         return 0
+    exit_on_signals()  # SIGTERM/SIGINT unwind through the sandbox's cleanup
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30.0)

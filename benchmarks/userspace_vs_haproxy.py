@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from kproxy_core.testing.netns import ClusterSandbox, NetNS, wait_for_port
+from kproxy_core.testing.signals import exit_on_signals
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "plugins" / "kproxy-userspace" / "tests" / "driver.py"
@@ -106,9 +107,22 @@ backend short_b
 """
 
 
-def iperf(client: NetNS, host: str, port: int, seconds: float) -> float:
-    out = client.run(["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"],
-                     timeout=seconds + 30).stdout
+def iperf(pod: NetNS, pod_ip: str, client: NetNS, host: str, port: int,
+          seconds: float) -> float:
+    # A one-off server (-1) per measurement exits by itself once its client is done. A
+    # long-running one had to be killed at teardown, and iperf3 says so on stderr ("iperf3:
+    # interrupt - the server has terminated") at the end of every run.
+    server = pod.spawn(["iperf3", "-s", "-1", "-p", "5201"], stdout=subprocess.DEVNULL)
+    try:
+        wait_for_port(pod, pod_ip, 5201)
+        out = client.run(["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"],
+                         timeout=seconds + 30).stdout
+    finally:
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.terminate()  # the client failed before the test ended
+            server.wait(10)
     report: dict[str, Any] = json.loads(out)
     return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
 
@@ -166,6 +180,7 @@ def spread(values: list[float]) -> str:
 
 
 def main() -> None:
+    exit_on_signals()  # SIGTERM/SIGINT unwind through the sandbox's cleanup
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -176,12 +191,9 @@ def main() -> None:
     args = parser.parse_args()
     relays = [r for r in args.relays.split(",") if r]
     skip = {s for s in args.skip.split(",") if s}
-    sb = ClusterSandbox(local_pods=1, remote_pods=0)
-    with sb:
+    with ClusterSandbox(local_pods=1, remote_pods=0) as sb:
         pod = sb.pods[0]
-        pod.ns.spawn(["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL)
         pod.ns.spawn([sys.executable, "-c", SERVER, "8081"])
-        wait_for_port(pod.ns, pod.ip, 5201)
         wait_for_port(pod.ns, pod.ip, 8081)
         # "No proxy": the client reaches the pod directly, routed through the node.
         sb.client.run(["ip", "route", "add", "10.244.0.0/16", "via", sb.node_ip])
@@ -193,7 +205,7 @@ def main() -> None:
             time.sleep(0.3)
             result: dict[str, Any] = {}
             if "bulk" not in skip:
-                result["gbps"] = iperf(sb.client, *bulk, args.seconds)
+                result["gbps"] = iperf(pod.ns, pod.ip, sb.client, *bulk, args.seconds)
             if "short" not in skip:
                 result.update(short(sb.client, *fast, args.seconds, args.concurrency,
                                     proxy_pid))
