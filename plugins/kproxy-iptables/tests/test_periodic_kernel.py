@@ -15,6 +15,7 @@ from iptables_host import ProxierHost
 from kproxy_iptables import rules as R
 from kproxy_iptables.proxier import IptablesProxier
 
+from kproxy_core.kernel.iptables_writers import RestoreError
 from kproxy_core.testing.netns import Sandbox
 
 pytestmark = pytest.mark.root
@@ -69,3 +70,19 @@ def test_periodic_partial_sync_leaves_service_chains_and_rewrites_the_top_level(
     nat = host.save("nat")
     assert "foreign-in-sep" not in nat
     assert f":{SEP}" in nat
+
+
+def test_a_deleted_service_chain_fails_the_partial_sync_which_forces_a_full_one(
+        host: ProxierHost) -> None:
+    """The one drift a partial sync trips over: the top level it rewrites jumps to a chain
+    that is gone. The restore fails, the backend raises (the core then syncs in full)."""
+    host.sync(WEB, OTHER, full=True)
+    svc_chain = "KUBE-SVC-" + R.port_proto_hash(OTHER.name)
+    assert f":{svc_chain} " in host.save("nat")
+    host.call("writer", ("flush_chain", ("nat", "KUBE-SERVICES")))
+    host.call("writer", ("delete_chain", ("nat", svc_chain)))
+    with pytest.raises(RestoreError, match=svc_chain):
+        host.sync(WEB, OTHER)
+    host.sync(WEB, OTHER, full=True)
+    nat = host.save("nat")
+    assert f":{svc_chain}" in nat and f"-j {svc_chain}" in nat
