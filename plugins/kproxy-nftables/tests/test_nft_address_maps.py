@@ -85,14 +85,19 @@ def env() -> Iterator[Env]:
 
 
 def _served(replies: list[str]) -> set[str]:
+    """Who answered (a request nobody answered shows as "timeout")."""
+    assert replies, "the echo client printed nothing"
     return {r.split()[0] for r in replies}
+
+
+BOTH = {"pod-1-2", "pod-2-2"}  # a random 4 of them may all land on one
 
 
 def test_all_maps_in_use_at_start(env: Env) -> None:
     maps = env.address_maps()
     assert set(maps) == {"endpoint-addrs-tcp-0", "endpoint-addrs-tcp-1", "endpoint-addrs-udp-0"}
     assert all(maps.values()), maps
-    assert _served(env.ask("10.96.1.11", 53, "udp")) <= {"pod-1-2", "pod-2-2"}
+    assert _served(env.ask("10.96.1.11", 53, "udp")) <= BOTH
 
 
 def test_removed_services_leave_no_empty_map(env: Env) -> None:
@@ -104,12 +109,12 @@ def test_removed_services_leave_no_empty_map(env: Env) -> None:
     maps = env.address_maps()
     assert maps["endpoint-addrs-udp-0"] == 0 and maps["endpoint-addrs-tcp-1"] == 0, maps
     assert not any(line.startswith("delete map") for line in env.host.call("last_transaction"))
-    assert _served(env.ask("10.96.1.10", 80)) == {"pod-1-2", "pod-2-2"}
+    assert _served(env.ask("10.96.1.10", 80)) <= BOTH
 
     env.later_sync(*rest)
     assert env.address_maps() == {"endpoint-addrs-tcp-0": 2 + R.SLOTS_PER_MAP - 2}
     # The services still programmed kept working through the deletion.
-    assert _served(env.ask("10.96.1.10", 80)) == {"pod-1-2", "pod-2-2"}
+    assert _served(env.ask("10.96.1.10", 80)) <= BOTH
     assert _served(env.ask(FILLER[5].cluster_ip, 80)) == {"pod-2-2"}
     # The removed one is no service any more.
     assert env.ask("10.96.1.11", 53, "udp", count=1) == ["timeout"]
@@ -117,7 +122,7 @@ def test_removed_services_leave_no_empty_map(env: Env) -> None:
     # Needed again: declared again in the partial sync that brings the port back.
     env.host.sync(*rest, DNS)
     assert env.address_maps()["endpoint-addrs-udp-0"] == 2
-    assert _served(env.ask("10.96.1.11", 53, "udp")) <= {"pod-1-2", "pod-2-2"}
+    assert _served(env.ask("10.96.1.11", 53, "udp")) <= BOTH
     assert env.host.call("audit", env.host.view(*rest, DNS)) == []
 
 
@@ -127,7 +132,7 @@ def test_full_sync_defers_deleting_unused_maps_too(env: Env) -> None:
     assert env.address_maps()["endpoint-addrs-udp-0"] == 0
     env.later_sync(*KEEP)
     assert "endpoint-addrs-udp-0" not in env.address_maps()
-    assert _served(env.ask("10.96.1.10", 80)) == {"pod-1-2", "pod-2-2"}
+    assert _served(env.ask("10.96.1.10", 80)) <= BOTH
 
 
 def test_a_map_from_an_earlier_run_is_deleted_too(env: Env) -> None:
