@@ -21,6 +21,7 @@ that work would otherwise be billed to whatever runs next (in the VM, seconds).
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import statistics
@@ -108,19 +109,24 @@ def bench_proxier(n: int, changes: int, resync: bool) -> dict[str, Any]:
     from kproxy_ipvs.proxier import IpvsProxier
 
     logging.disable(logging.CRITICAL)
+    first: NodeView = view(*ports(n), node_ips=())
+    full_request = request(first)  # the core's work, not timed
+    collector = GcTimer()
+    # The program from empty: the kernel layer and the proxier built (anything they start
+    # in the background runs inside the timer too), then the first sync.
+    start = time.perf_counter()
     kernel = TimedKernel(NetlinkKernel())
     proxier = IpvsProxier(context({"clusterCIDR": "10.244.0.0/16"}), kernel=kernel)
-    first: NodeView = view(*ports(n), node_ips=())
-    full_request = request(first)
-    start = time.perf_counter()
+    built = time.perf_counter() - start
     result = proxier.sync(full_request)
-    out: dict[str, Any] = {"full_s": time.perf_counter() - start,
+    out: dict[str, Any] = {"full_s": time.perf_counter() - start, "built_s": built,
+                           "full_gc_s": collector.take(),
                            "full_ops": result.objects_written,
                            "full_ext_s": result.external_seconds,
                            "full_kernel": kernel.report(),
                            "full_kernel_s": sum(kernel.seconds.values())}
     current = first
-    partials: list[tuple[float, float, int]] = []
+    partials: list[tuple[float, float, int, float]] = []
     for k in range(changes):
         # One endpoint of one more service replaced: the core's change tracking, not timed.
         bumped = port((n // 2 + k * 7919) % n, bumped=True)
@@ -130,10 +136,12 @@ def bench_proxier(n: int, changes: int, resync: bool) -> dict[str, Any]:
         current = second
         kernel.seconds.clear()
         kernel.calls.clear()
+        collector.take()
         start = time.perf_counter()
         result = proxier.sync(partial_request)
         elapsed = time.perf_counter() - start
-        partials.append((elapsed, sum(kernel.seconds.values()), result.objects_written))
+        partials.append((elapsed, sum(kernel.seconds.values()), result.objects_written,
+                         collector.take()))
         out.update(partial_counters=dict(result.counters), partial_kernel=kernel.report())
     if partials:
         out["partials"] = partials
@@ -146,7 +154,31 @@ def bench_proxier(n: int, changes: int, resync: bool) -> dict[str, Any]:
         out.update(resync_s=time.perf_counter() - start, resync_ops=result.objects_written,
                    resync_kernel=kernel.report())
     proxier.close()
+    collector.close()
     return out
+
+
+class GcTimer:
+    """Seconds the cyclic garbage collector ran (it stops every thread) since the last
+    `take`."""
+
+    def __init__(self) -> None:
+        self._seconds = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self._seconds += time.perf_counter() - self._start
+
+    def take(self) -> float:
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 def restore_text(n: int) -> str:
@@ -238,6 +270,8 @@ def run_size(n: int, changes: int, resync: bool, floor_too: bool, limit: float) 
           + (f"; ipvsadm --restore floor for the {objects} IPVS objects: {floor:.2f}s "
              f"(ratio {ratio:.2f})" if floor else "")
           + f" [waited {waited:.1f}s for idle CPUs]", flush=True)
+    print(f"N={n:>6}:   of which building the kernel layer and the proxier "
+          f"{res['built_s']:.2f}s; garbage collection {res['full_gc_s']:.2f}s", flush=True)
     print(f"N={n:>6}:   kernel calls {res['full_kernel_s']:.2f}s (bulk ones overlap): "
           f"{res['full_kernel']}", flush=True)
     if writer:
@@ -251,7 +285,8 @@ def run_size(n: int, changes: int, resync: bool, floor_too: bool, limit: float) 
         print(f"N={n:>6}: one endpoint changed, {len(partials)} times: partial sync median "
               f"{statistics.median(totals):.1f}ms (range {totals[0]:.1f}-{totals[-1]:.1f}); "
               f"kernel calls median {statistics.median(kernels):.1f}ms, the rest (Python) "
-              f"median {statistics.median(rest):.1f}ms; kernel writes "
+              f"median {statistics.median(rest):.1f}ms, garbage collection max "
+              f"{max(p[3] for p in partials) * 1000:.1f}ms; kernel writes "
               f"{sorted({p[2] for p in partials})}; all (ms): "
               + " ".join(f"{p[0] * 1000:.1f}" for p in partials), flush=True)
         print(f"N={n:>6}:   last change: {res['partial_counters']}; kernel calls: "

@@ -148,6 +148,38 @@ def find_binary(family: int, backend: Backend, tool: str = "") -> str | None:
     return None
 
 
+#: Save outputs `detect_backend` read, for one later taker (`take_detection_save`): binary ->
+#: (network namespace inode, monotonic time, text).
+_detection_saves: dict[str, tuple[int, float, str]] = {}
+#: Larger outputs are not kept (a big rule set: memory for the process's life, for a rare
+#: taker).
+DETECTION_SAVE_KEEP_BYTES = 64 * 1024
+#: A kept output older than this is not handed out.
+DETECTION_SAVE_MAX_AGE = 10.0
+
+
+def _netns_inode() -> int:
+    try:
+        return os.stat("/proc/thread-self/ns/net").st_ino
+    except OSError:
+        return -1
+
+
+def take_detection_save(binary: str, max_age: float = DETECTION_SAVE_MAX_AGE) -> str | None:
+    """What the save command ``binary`` printed when `detect_backend` ran it, if that was in
+    this thread's network namespace less than ``max_age`` seconds ago and at most
+    `DETECTION_SAVE_KEEP_BYTES` long; once (then None). A caller that needs that save right
+    after building its first writer saves a process (about half a second each in the
+    emulated test VM)."""
+    kept = _detection_saves.pop(binary, None)
+    if kept is None:
+        return None
+    inode, when, text = kept
+    if inode != _netns_inode() or time.monotonic() - when > max_age:
+        return None
+    return text
+
+
 def _count_rules(binary: str | None) -> tuple[int, int, bool]:
     """(KUBE-* rules, all rules, hint chain present) in ``binary``'s save output."""
     if binary is None:
@@ -157,6 +189,8 @@ def _count_rules(binary: str | None) -> tuple[int, int, bool]:
                               check=False)
     except (OSError, subprocess.TimeoutExpired):
         return 0, 0, False
+    if proc.returncode == 0 and len(proc.stdout) <= DETECTION_SAVE_KEEP_BYTES:
+        _detection_saves[binary] = (_netns_inode(), time.monotonic(), proc.stdout)
     kube = total = 0
     hint = False
     for line in proc.stdout.splitlines():

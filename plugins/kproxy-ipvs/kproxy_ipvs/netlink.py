@@ -375,20 +375,29 @@ class NetlinkKernel:
 
 def _saved_lines(writer: Any, tables: Sequence[str]) -> dict[str, set[str]]:
     """Table -> the lines ``iptables-save`` prints for it (none for a table not there), from
-    one save of every table; the writer's per-table saves if its save binary is not found."""
-    from kproxy_core.kernel.iptables_writers import COMMAND_TIMEOUT, find_binary
+    one save of every table: the one the core's backend detection just ran when the writer
+    was built by this call (the first sync), else a new one; the writer's per-table saves if
+    its save binary is not found."""
+    from kproxy_core.kernel.iptables_writers import (
+        COMMAND_TIMEOUT,
+        find_binary,
+        take_detection_save,
+    )
 
     binary = find_binary(writer.family, writer.backend, "save")
     if binary is None:
         return {table: set(writer.save(table).splitlines()) for table in tables}
-    proc = subprocess.run([binary], capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
-                          check=False)
-    if proc.returncode != 0:
-        raise SyncError(f"{os.path.basename(binary)} exited {proc.returncode}: "
-                        f"{proc.stderr.strip()}")
+    text = take_detection_save(binary)
+    if text is None:
+        proc = subprocess.run([binary], capture_output=True, text=True,
+                              timeout=COMMAND_TIMEOUT, check=False)
+        if proc.returncode != 0:
+            raise SyncError(f"{os.path.basename(binary)} exited {proc.returncode}: "
+                            f"{proc.stderr.strip()}")
+        text = proc.stdout
     out: dict[str, set[str]] = {table: set() for table in tables}
     lines: set[str] | None = None
-    for line in proc.stdout.splitlines():
+    for line in text.splitlines():
         if line.startswith("*"):
             lines = out.get(line[1:].strip())
         elif lines is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -324,3 +325,75 @@ def test_restore_with_jumps_inserts_the_missing_jumps_in_the_same_restore() -> N
             rendered = "-A " + chain + " -m comment --comment \"" + args[3] + "\" -j " + args[5]
             assert lines.count(rendered) == 1, (rendered, saved)
         assert "-A KUBE-SERVICES -j RETURN" in lines
+
+
+@pytest.mark.root
+def test_the_first_jump_check_reuses_the_save_the_backend_detection_just_ran() -> None:
+    """The core's detection keeps what its save commands printed for one taker in the same
+    namespace: the first restore_with_jumps finds its jumps there (no save of its own), and
+    the answer is the same as from a fresh save; a second take, or one from another
+    namespace, gets nothing."""
+    from kproxy_ipvs.netlink import _saved_lines
+
+    from kproxy_core.kernel.iptables_writers import (
+        detect_backend,
+        find_binary,
+        make_writer,
+        take_detection_save,
+    )
+
+    def detect_then_take(nat_rule: bool) -> dict[str, Any]:
+        writer = make_writer("restore", 4, "nft")
+        if nat_rule:
+            from kproxy_core.kernel.iptables import RestoreData
+
+            data = RestoreData(4)
+            data.table("nat").chain("KUBE-X")
+            data.table("nat").raw_rules(["-A OUTPUT -j KUBE-X"])
+            writer.restore(data)
+        detect_backend.cache_clear()
+        backend = detect_backend()
+        binary = find_binary(4, backend, "save")
+        assert binary is not None
+        fresh = subprocess.run([binary], capture_output=True, text=True, check=True).stdout
+        out = {"backend": backend, "lines": _saved_lines(writer, ["nat", "filter"]),
+               "again": take_detection_save(binary), "fresh": fresh}
+        detect_backend.cache_clear()
+        detect_backend()
+        return out
+
+    with Sandbox() as sandbox:
+        out = in_netns(sandbox.netns("detect").name, lambda: detect_then_take(True),
+                       timeout=60)
+        # Detection in one namespace, the take in another: not handed out.
+        other = sandbox.netns("other")
+
+        def across() -> str | None:
+            from kproxy_core.kernel import iptables_writers
+
+            iptables_writers.detect_backend.cache_clear()
+            iptables_writers.detect_backend()
+            binary = find_binary(4, "nft", "save")
+            assert binary is not None
+            # A child process (it inherits what was kept) in another namespace.
+            return in_netns(third, lambda: take_detection_save(binary), timeout=60)
+
+        third = sandbox.netns("third").name
+        taken_across = in_netns(other.name, across, timeout=60)
+    assert out["backend"] == "nft"
+    assert "-A OUTPUT -j KUBE-X" in out["lines"]["nat"]
+    assert out["lines"]["filter"] == set()
+    assert out["lines"]["nat"] == {line for line in _table(out["fresh"], "nat")}
+    assert out["again"] is None
+    assert taken_across is None
+
+
+def _table(saved: str, table: str) -> list[str]:
+    lines: list[str] = []
+    inside = False
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            inside = line[1:] == table
+        elif inside:
+            lines.append(line)
+    return lines
