@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -163,11 +162,8 @@ class NetlinkKernel:
     # -- links and addresses ----------------------------------------------------------------
 
     def _index(self, name: str) -> int | None:
-        # An ioctl on a socket of this namespace: no netlink dump for a name lookup.
-        try:
-            return socket.if_nametoindex(name)
-        except OSError:
-            return None
+        # Over netlink: if_nametoindex's ioctl tries a module load for a missing name.
+        return self._bulk.link_index(name)
 
     def ensure_dummy(self, name: str) -> None:
         if self._index(name) is None:

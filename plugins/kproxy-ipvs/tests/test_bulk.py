@@ -397,3 +397,26 @@ def _table(saved: str, table: str) -> list[str]:
         elif inside:
             lines.append(line)
     return lines
+
+
+@pytest.mark.root
+def test_link_index_over_netlink() -> None:
+    """The index of a link by name, None for a missing one (without the ioctl that tries to
+    load a module of that name), and it agrees with if_nametoindex."""
+
+    def run() -> tuple[int | None, int, int | None, int | None]:
+        writer = bulk.BulkWriter()
+        try:
+            return (writer.link_index("lo"), socket.if_nametoindex("lo"),
+                    writer.link_index("veth-a"), writer.link_index("nothere0"))
+        finally:
+            writer.close()
+
+    with Sandbox() as sandbox:
+        ns = sandbox.netns("links")
+        ns.run(["ip", "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b"])
+        lo, lo_ioctl, veth, missing = in_netns(ns.name, run, timeout=60)
+        veth_ioctl = in_netns(ns.name, lambda: socket.if_nametoindex("veth-a"), timeout=60)
+    assert lo == lo_ioctl == 1
+    assert veth == veth_ioctl and veth is not None and veth > 1
+    assert missing is None
