@@ -49,6 +49,8 @@ class Plan:
     #: Old kernels (before 6.2): chains that go away are only flushed now and recorded in
     #: `stale`; a later sync deletes them (upstream waits a second the same way).
     defer_deletes: bool = False
+    #: Whether this plan declares the whole table (`full_plan`), not a diff.
+    full: bool = False
     setup: list[str] = attrs.field(factory=list)
     add_chains: list[str] = attrs.field(factory=list)
     flush_chains: list[str] = attrs.field(factory=list)
@@ -167,7 +169,7 @@ def full_plan(
 ) -> Plan:
     """Rewrite everything this family's table should hold; ``existing_*`` (listed once from
     the kernel) name the service chains and affinity sets to delete or re-create."""
-    plan = Plan(cfg.family, defer_deletes=defer_deletes)
+    plan = Plan(cfg.family, defer_deletes=defer_deletes, full=True)
     plan.setup = setup_lines(cfg)
     plan.setup += [f"flush map {plan.table} {name}" for name in SERVICE_MAPS]
     plan.setup.append(f"flush set {plan.table} {CLUSTER_IPS_SET}")

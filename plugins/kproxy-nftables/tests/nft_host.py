@@ -33,6 +33,29 @@ def _table(_backend: Backend, args: Any) -> Any:
     return nft.read_table(args)
 
 
+#: Commands the backend ran since the last `_commands` call (recorded in the child).
+_RUN: list[list[str]] = []
+
+
+def _commands(_backend: Backend, _args: Any) -> list[list[str]]:
+    """The commands run through ``subprocess.run`` since the last call (the first call starts
+    recording): ``nft`` and the reader's ``nft list`` go through it, so a sync that starts
+    no process records nothing."""
+    import subprocess
+
+    real = subprocess.run
+    if not getattr(real, "kproxy_recording", False):
+        def recording(argv: Any, *args: Any, **kwargs: Any) -> Any:
+            _RUN.append([str(a) for a in argv] if not isinstance(argv, str) else [argv])
+            return real(argv, *args, **kwargs)
+
+        recording.kproxy_recording = True  # type: ignore[attr-defined]
+        subprocess.run = recording  # type: ignore[assignment]
+    seen = list(_RUN)
+    _RUN.clear()
+    return seen
+
+
 class ProxierHost(BackendHost):
     def __init__(self, netns: str, config: Mapping[str, Any] | None = None,
                  families: tuple[int, ...] = (4,)) -> None:
@@ -49,4 +72,6 @@ class ProxierHost(BackendHost):
             "dataplane": lambda _backend, _: read_dataplane(families),
             "table": _table,
             "cleanup": _cleanup,
+            "commands": _commands,
+            "table_handles": lambda backend, _: dict(backend.table_handles),  # type: ignore
         })

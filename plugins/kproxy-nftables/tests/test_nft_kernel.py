@@ -221,11 +221,21 @@ def test_trace_follows_the_live_rules(env: Env) -> None:
     assert fenced["verdict"] == "DROP"
 
 
-def test_lost_table_asks_for_full_sync(env: Env) -> None:
+@pytest.mark.parametrize("disturb", ["delete table", "flush ruleset"])
+def test_lost_table_makes_the_next_sync_full_and_traffic_returns(env: Env,
+                                                                 disturb: str) -> None:
     assert env.host.call("needs_full_sync") is False
-    env.host.run("nft", "delete", "table", "ip", R.TABLE)
-    assert env.host.call("needs_full_sync") is True
-    env.sync(*BASE, full=True)
+    assert env.ask(env.pod(LOCAL_B), "10.96.0.14", 80) == [f"pod-1-2 {LOCAL_B}"]
+    if disturb == "delete table":
+        env.host.run("nft", "delete", "table", "ip", R.TABLE)
+    else:
+        env.host.run("nft", "flush", "ruleset")
+        env.cluster.node.run(["nft", "-f", "-"], input=OTHER_TABLE)  # cleanup test's witness
+    assert env.ask(env.pod(LOCAL_B), "10.96.0.14", 80, timeout=0.5) == ["timeout"]  # no DNAT
+    # The core's choice for the next sync (nothing changed: a periodic one).
+    full = env.host.call("needs_full_sync")
+    assert full is True
+    env.sync(*BASE, full=full)
     assert env.host.call("needs_full_sync") is False
     assert env.ask(env.pod(LOCAL_B), "10.96.0.14", 80) == [f"pod-1-2 {LOCAL_B}"]
 

@@ -1,7 +1,9 @@
 """What a periodic sync does to the kernel now that it is partial (``periodic_full_sync =
 False``, as upstream): with no change the transaction is empty (nothing is sent), so drift
 inside the table waits for the next full sync (hourly, or at once when the table is gone or a
-sync failed). Real kernel, inside a namespace; no traffic needed."""
+sync failed). The table check the core makes before every partial sync
+(``needs_full_sync``) is a netlink lookup: neither it nor a partial sync starts ``nft``.
+Real kernel, inside a namespace; no traffic needed (``test_nft_kernel`` sends some)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from kproxy_nftables.proxier import NftablesProxier
 from nft_helpers import ep, key, svc
 from nft_host import ProxierHost
 
+from kproxy_core.model import ResolvedServicePort
 from kproxy_core.testing.netns import Sandbox
 
 pytestmark = pytest.mark.root
@@ -63,3 +66,62 @@ def test_periodic_partial_sync_sends_nothing_and_a_full_sync_repairs_drift(
     listing = host.run("nft", "list", "table", "ip", R.TABLE)
     assert "foreign-rule" not in listing
     assert f"chain {SERVICE_CHAIN} " in listing
+
+
+def _core_sync(host: ProxierHost, *ports: ResolvedServicePort) -> bool:
+    """A sync as the core decides it once the table was programmed: full only if
+    ``needs_full_sync`` says so. Returns whether it was full."""
+    full = bool(host.call("needs_full_sync"))
+    host.sync(*ports, full=full)
+    return full
+
+
+def test_table_check_and_partial_syncs_start_no_process(host: ProxierHost) -> None:
+    host.call("commands")  # starts recording
+    host.sync(WEB, OTHER, full=True)
+    started = host.call("commands")
+    # The recorder sees what the backend starts: a full sync runs nft (list + -f).
+    assert any(argv[0].endswith("nft") and "list" in argv for argv in started), started
+    assert any(argv[0].endswith("nft") and "-f" in argv for argv in started), started
+
+    moved = svc(WEB.key, "10.96.0.10", 80, node_port=30080,
+                endpoints=[ep("10.244.2.2", 8080), ep("10.244.2.9", 8080)])
+    assert _core_sync(host, moved, OTHER) is False  # an endpoint change
+    assert host.call("last_writer") == "netlink"
+    assert host.call("last_transaction") != []
+    assert _core_sync(host, moved, OTHER) is False  # a quiet periodic sync
+    assert _core_sync(host, moved) is False  # a service removed
+    assert host.call("commands") == []
+
+
+@pytest.mark.parametrize("disturb", [
+    ["nft", "delete", "table", "ip", R.TABLE],
+    ["nft", "flush", "ruleset"],
+])
+def test_a_lost_table_makes_the_next_sync_full(host: ProxierHost, disturb: list[str]) -> None:
+    host.sync(WEB, OTHER, full=True)
+    before = host.call("table_handles")[4]
+    assert before
+    host.run(*disturb)
+    host.call("commands")
+    assert host.call("needs_full_sync") is True
+    assert host.call("commands") == []  # noticed without nft
+    assert _core_sync(host, WEB, OTHER) is True
+    assert f"chain {SERVICE_CHAIN} " in host.run("nft", "list", "table", "ip", R.TABLE)
+    assert host.call("needs_full_sync") is False
+    assert host.call("table_handles")[4] != before  # a new table, a new handle
+
+
+def test_a_replaced_table_makes_the_next_sync_full(host: ProxierHost) -> None:
+    """Deleted and created again by someone else (a saved ruleset restored, say): the name
+    is there but not what we built; the new handle gives it away."""
+    host.sync(WEB, OTHER, full=True)
+    saved = host.run("nft", "list", "table", "ip", R.TABLE)
+    host.run("nft", "delete", "table", "ip", R.TABLE)
+    host.run("nft", "-f", "-", stdin=saved)
+    assert host.call("needs_full_sync") is True
+    assert _core_sync(host, WEB, OTHER) is True
+    assert host.call("needs_full_sync") is False
+    # A full sync of our own keeps the table (and its handle): no sync loop.
+    host.sync(WEB, OTHER, full=True)
+    assert host.call("needs_full_sync") is False
