@@ -212,3 +212,34 @@ def test_rejected_batch_changes_nothing_and_names_the_statement() -> None:
     assert "jump no-such-chain" in error and "No such file or directory" in error
     assert before == after
     assert "nftables transaction failed" in sync_error
+
+
+@pytest.mark.root
+def test_table_lookup_per_family_and_handle() -> None:
+    """`netlink.table_handle` against the kernel: absent, present per family (another
+    table of the same name in the other family does not count), a new handle once the
+    table is deleted and created again, and other tables ignored."""
+    def lookups() -> list[int | None]:
+        import subprocess
+
+        def nft(text: str) -> None:
+            subprocess.run(["nft", "-f", "-"], input=text, text=True, check=True)
+
+        conn = netlink.Connection()
+        try:
+            seen = [netlink.table_handle(4, connection=conn)]
+            nft("add table ip other\nadd table ip6 kube-proxy\n")
+            seen += [netlink.table_handle(4, connection=conn),
+                     netlink.table_handle(6, connection=conn)]
+            nft("add table ip kube-proxy\nadd chain ip kube-proxy c\n")
+            seen.append(netlink.table_handle(4, connection=conn))
+            nft("delete table ip kube-proxy\nadd table ip kube-proxy\n")
+            seen.append(netlink.table_handle(4))  # a one-off socket works too
+        finally:
+            conn.close()
+        return seen
+
+    absent, v4_missing, v6, first, second = _in_fresh_netns(lookups)
+    assert absent is None and v4_missing is None
+    assert isinstance(v6, int) and isinstance(first, int) and isinstance(second, int)
+    assert first != second
