@@ -7,11 +7,15 @@ Per size N (N ClusterIP services x 5 endpoints, from an empty namespace): the fi
 then one-endpoint changes (partial syncs, each on another service): ``--changes``
 replacing one endpoint (same count), as many adding a sixth and as many removing one
 (median and max wall time of each kind, the median time spent in the kernel, statements
-sent, the writer used: netlink or nft), a second full sync (the periodic resync, which
-lists chain/set/map names once), and the process's peak RSS (``ru_maxrss`` of the forked
-child that ran the proxier, which starts as a copy of this process: the baseline is
-printed too). ``--replace-only`` runs only the replacements (the only kind older versions
-of this script measured).
+sent, the writer used: netlink or nft). Each change is timed twice over: the sync alone, and
+end to end as the core pays it, ``needs_full_sync()`` (the table check the core makes before
+every sync that is not already full) plus the sync; the check's own median is printed, and
+so is the check older versions made, ``nft list table ip kube-proxy`` (median of 3 runs),
+for a before/after in one run. Then a second full sync (what a restart, a failed sync or the
+hourly full sync pays; periodic syncs are partial), which lists chain/set/map names once,
+and the process's peak RSS (``ru_maxrss`` of the forked child that ran the proxier, which
+starts as a copy of this process: the baseline is printed too). ``--replace-only`` runs only
+the replacements (the only kind older versions of this script measured).
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ def rss_mb() -> float:
 
 
 def bench(n: int, changes: int, kinds: tuple[str, ...]) -> dict[str, Any]:
+    from kproxy_nftables import nft
     from kproxy_nftables.proxier import NftablesProxier
 
     logging.disable(logging.CRITICAL)
@@ -83,6 +88,9 @@ def bench(n: int, changes: int, kinds: tuple[str, ...]) -> dict[str, Any]:
                            "full_statements": len(proxier.last_transaction)}
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     kernel: list[float] = []
+    checks: list[float] = []
+    end_to_end: list[float] = []
+    asked_full = 0
     statements = []
     writers = set()
     view = NodeView("node", ("10.99.0.1",), "", ports)  # the core hands over its own dict
@@ -95,8 +103,13 @@ def bench(n: int, changes: int, kinds: tuple[str, ...]) -> dict[str, Any]:
             request = SyncRequest(view=view, changed=frozenset({new.key}), full=False,
                                   previous={new.key: old})
             start = time.perf_counter()
+            asked_full += proxier.needs_full_sync()  # what the core asks first
+            checked = time.perf_counter()
             result = proxier.sync(request)
-            times[kind].append(time.perf_counter() - start)
+            done = time.perf_counter()
+            times[kind].append(done - checked)
+            checks.append(checked - start)
+            end_to_end.append(done - start)
             kernel.append(result.external_seconds)
             statements.append(len(proxier.last_transaction))
             writers.add(proxier.last_writer)
@@ -104,7 +117,15 @@ def bench(n: int, changes: int, kinds: tuple[str, ...]) -> dict[str, Any]:
     out.update(partial_median_s=statistics.median(every), partial_max_s=max(every),
                partial_kernel_s=statistics.median(kernel),
                by_kind={kind: (statistics.median(t), max(t)) for kind, t in times.items()},
-               partial_statements=max(statements), writer="+".join(sorted(writers)))
+               partial_statements=max(statements), writer="+".join(sorted(writers)),
+               check_s=statistics.median(checks), e2e_median_s=statistics.median(end_to_end),
+               e2e_max_s=max(end_to_end), asked_full=asked_full)
+    old_check = []
+    for _ in range(3):
+        start = time.perf_counter()
+        nft.table_exists(4)  # the check before (nft prints the whole table)
+        old_check.append(time.perf_counter() - start)
+    out.update(old_check_s=statistics.median(old_check))
     start = time.perf_counter()
     result = proxier.sync(SyncRequest(view=NodeView("node", ("10.99.0.1",), "", dict(ports)),
                                       changed=frozenset(), full=True))
@@ -125,7 +146,8 @@ def main() -> int:
     print(f"{'services':>8} {'full s':>8} {'(nft s)':>8} {'cpu s':>6} {'stmts':>7} "
           f"{'1-ep med ms':>11} "
           f"{'max ms':>7} {'(kernel)':>8} {'stmts':>5} {'resync s':>8} {'(nft s)':>8} "
-          f"{'rss MB':>7} {'base MB':>7} {'writer':>7}  median/max ms per kind")
+          f"{'rss MB':>7} {'base MB':>7} {'writer':>7} {'check us':>8} {'e2e med ms':>10} "
+          f"{'e2e max ms':>10} {'old chk s':>9}  median/max ms per kind")
     for n in (int(s) for s in args.sizes.split(",")):
         with Sandbox() as sandbox:
             ns = sandbox.netns("nftbench")
@@ -138,7 +160,11 @@ def main() -> int:
               f"{r['partial_median_s'] * 1000:>11.1f} {r['partial_max_s'] * 1000:>7.1f} "
               f"{r['partial_kernel_s'] * 1000:>8.2f} {r['partial_statements']:>5} "
               f"{r['resync_s']:>8.2f} {r['resync_nft_s']:>8.2f} {r['peak_rss_mb']:>7.0f} "
-              f"{r['baseline_rss_mb']:>7.0f} {r['writer']:>7}  {per_kind}", flush=True)
+              f"{r['baseline_rss_mb']:>7.0f} {r['writer']:>7} {r['check_s'] * 1e6:>8.0f} "
+              f"{r['e2e_median_s'] * 1000:>10.1f} {r['e2e_max_s'] * 1000:>10.1f} "
+              f"{r['old_check_s']:>9.2f}  {per_kind}"
+              + (f"  (check asked for a full sync {r['asked_full']}x)" if r["asked_full"]
+                 else ""), flush=True)
     return 0
 
 
