@@ -7,17 +7,20 @@ removed or shrunk ports are deleted in the same transaction. Full syncs rewrite 
 ensure the jump rules from the built-in chains, re-create the canary chains and delete stale
 service chains found in ``iptables-save``.
 
-The canary chains (``KUBE-PROXY-CANARY`` in mangle, nat and filter) are watched by a
-`CanaryMonitor` thread every sync period, as upstream's ``iptables.Monitor``: a sync never
-waits on ``iptables -S`` under the xtables lock for them. When one is gone (a firewall reload
-flushed the tables), the next sync is a full one, and the core is asked for it at once
-(``BackendContext.request_sync``).
+The canary chains (``KUBE-PROXY-CANARY`` in mangle, nat and filter) and the jump rules from
+the built-in chains are watched by a `CanaryMonitor` thread every sync period, as upstream's
+``iptables.Monitor`` watches its canary: a sync never waits on ``iptables -S`` under the
+xtables lock for them. When a canary (a firewall reload flushed the tables) or a jump (someone
+deleted ``PREROUTING -j KUBE-SERVICES``) is gone, the next sync is a full one, which alone
+re-creates them (partial periodic syncs touch neither), and the core is asked for it at once
+(``BackendContext.request_sync``). Upstream re-ensures jumps only on its hourly full sync.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import shlex
 import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -86,13 +89,16 @@ class Settings:
 
 class CanaryMonitor:
     """Upstream's ``iptables.Monitor``: a thread that checks every ``interval`` seconds that
-    the canary chains exist and calls ``on_lost`` once they are gone.
+    what only a full sync re-creates is still in the kernel, and calls ``on_lost`` with what
+    is missing.
 
-    ``check`` returns False when a canary is missing; an exception from it (iptables not
-    answering) is logged and is not a loss, as upstream treats resource errors.
+    ``check`` returns what is missing, one readable line each (empty: all there); an
+    exception from it (iptables not answering) is logged and is not a loss, as upstream
+    treats resource errors.
     """
 
-    def __init__(self, check: Callable[[], bool], on_lost: Callable[[], None],
+    def __init__(self, check: Callable[[], Sequence[str]],
+                 on_lost: Callable[[Sequence[str]], None],
                  interval: float, logger: logging.Logger) -> None:
         if interval <= 0:
             raise ValueError(f"canary interval must be positive, not {interval}")
@@ -118,16 +124,16 @@ class CanaryMonitor:
             self._thread = None
 
     def check_once(self) -> bool:
-        """One check; True if the canaries are there (``on_lost`` was called otherwise)."""
+        """One check; True if everything is there (``on_lost`` was called otherwise)."""
         self.checks += 1
         try:
-            present = self.check()
+            missing = list(self.check())
         except Exception as exc:
-            self.logger.warning("cannot check the canary chains: %s", exc)
+            self.logger.warning("cannot check the canary chains and jump rules: %s", exc)
             return True
-        if not present:
-            self.on_lost()
-        return present
+        if missing:
+            self.on_lost(missing)
+        return not missing
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -168,10 +174,11 @@ class IptablesProxier(Backend):
         self._writers: dict[int, Any] = {}
         self._state = {family: _FamilyState() for family in self.families}
         self._force_full = True
-        #: Set by the canary monitor, cleared when a full sync starts (it re-creates them).
+        #: Set by the canary monitor when a canary chain or a jump rule is gone, cleared when
+        #: a full sync starts (it re-creates them).
         self._canary_lost = threading.Event()
         self.canary_monitor = CanaryMonitor(
-            self.canaries_present, self._on_canary_lost,
+            self.missing_in_kernel, self._on_canary_lost,
             float(config_value(context.config, "iptables.syncPeriod", 30.0)), context.logger)
         self._tcp_liberal = _read_sysctl(TCP_BE_LIBERAL) not in ("", "0")
         if 4 in self.families and self.settings.localhost_nodeports_for(4):
@@ -409,26 +416,45 @@ class IptablesProxier(Backend):
             writer.ensure_rule(jump.table, jump.source, jump.args(), prepend=True)
 
     def needs_full_sync(self) -> bool:
-        """Whether the canary monitor saw a canary chain vanish since the last full sync
-        (no kernel access: the monitor thread did that off the sync path)."""
+        """Whether the canary monitor saw a canary chain or a jump rule vanish since the last
+        full sync (no kernel access: the monitor thread did that off the sync path)."""
         return self._canary_lost.is_set()
 
-    def canaries_present(self) -> bool:
-        """Every canary chain exists, in every family (read from the kernel). Stricter than
-        upstream, which looks at mangle only: a reload of just nat or filter counts too."""
+    def missing_in_kernel(self) -> list[str]:
+        """What only a full sync re-creates and is gone from the kernel, in every family: the
+        canary chains (all three tables; upstream looks at mangle only, so a reload of just
+        nat or filter counts too) and the jump rules from the built-in chains (upstream does
+        not look; its hourly full sync re-ensures them). One line each, for the log.
+
+        Cost per family and check, measured at 10,000 services (see docs/modes/iptables.md):
+        on nf_tables ``iptables -S PREROUTING`` reads that chain only (~4 ms) while ``-C`` or
+        ``-S`` of a big chain read the whole nat table (~0.2 s) and ``iptables-save -t nat``
+        takes ~9 s, so one ``-S`` per built-in chain; on legacy every nat command loads the
+        whole table (~0.5 s) and ``iptables-save -t nat`` costs about the same, so one save
+        per table answers the canary and all its jumps.
+        """
+        missing: list[str] = []
         for family in self.families:
             writer = self.writer(family)
+            jumps = self._jumps(family)
+            lines: dict[str, list[str]] = {}
             for table in ("mangle", "nat", "filter"):
-                if not writer.chain_exists(table, R.KUBE_PROXY_CANARY):
-                    return False
-        return True
+                builtins = sorted({j.source for j in jumps if j.table == table})
+                present, lines[table] = _monitor_listing(writer, table, builtins)
+                if not present:
+                    missing.append(f"canary chain {R.KUBE_PROXY_CANARY} is gone from the "
+                                   f"IPv{family} {table} table (tables flushed?)")
+            missing += [f"jump rule is gone: IPv{family} {jump.table} {jump.source} "
+                        f"{shlex.join(jump.args())}"
+                        for jump in self._missing_jumps(family, lines)]
+        return missing
 
-    def _on_canary_lost(self) -> None:
+    def _on_canary_lost(self, missing: Sequence[str]) -> None:
         if self._canary_lost.is_set():
             return  # already reported; waiting for the full sync
         self._canary_lost.set()
-        self.context.logger.info("iptables canary chain %s is gone (tables flushed?): the "
-                                 "next sync is a full one", R.KUBE_PROXY_CANARY)
+        self.context.logger.info("iptables %s: the next sync is a full one",
+                                 "; ".join(missing) or "canary check failed")
         # The repair does not wait for the next change or periodic sync.
         if self.context.request_sync is not None:
             self.context.request_sync()
@@ -561,6 +587,47 @@ def _read_saved(writer: Any, table: str, keep: tuple[str, ...] = ()
     if code != 0:
         raise SyncError(f"{binary} -t {table} exited {code}: {error.strip()}")
     return chains, kept
+
+
+def _monitor_listing(writer: Any, table: str, builtins: Sequence[str]
+                     ) -> tuple[bool, list[str]]:
+    """(canary chain present, the rules of ``builtins`` as ``-A CHAIN ...`` lines) of
+    ``table``, the cheapest way for the writer's backend (`IptablesProxier.missing_in_kernel`
+    has the numbers)."""
+    if writer.backend == "legacy":
+        prefixes = tuple(f"-A {chain} " for chain in builtins)
+        chains, saved = _read_saved(writer, table, prefixes)
+        return R.KUBE_PROXY_CANARY in chains, saved
+    present = bool(writer.chain_exists(table, R.KUBE_PROXY_CANARY))
+    # The core's RuleWriter has no ``-S CHAIN`` yet: a writer that offers one is used.
+    list_rules = getattr(writer, "list_rules", None)
+    kept: list[str] = []
+    for chain in builtins:
+        lines = list_rules(table, chain) if list_rules else _list_rules(writer, table, chain)
+        kept += [line for line in lines if line.startswith("-A ")]
+    return present, kept
+
+
+def _list_rules(writer: Any, table: str, chain: str) -> list[str]:
+    """``iptables -t TABLE -S CHAIN`` (nothing for a chain or table that is gone)."""
+    from kproxy_core.kernel.iptables_writers import (
+        COMMAND_TIMEOUT,
+        LOCK_WAIT_SECONDS,
+        find_binary,
+    )
+
+    binary = find_binary(writer.family, writer.backend)
+    if binary is None:  # cannot happen with a working writer
+        raise SyncError(f"no iptables binary for IPv{writer.family} {writer.backend}")
+    proc = subprocess.run([binary, "-w", str(LOCK_WAIT_SECONDS), "-t", table, "-S", chain],
+                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
+    if proc.returncode == 0:
+        return proc.stdout.splitlines()
+    if any(text in proc.stderr for text in ("does not exist", "No chain/target/match",
+                                            "Table does not exist")):
+        return []  # a table deleted whole: its jumps are gone too
+    raise SyncError(f"{binary} -t {table} -S {chain} exited {proc.returncode}: "
+                    f"{proc.stderr.strip()}")
 
 
 def _chains_in(save_text: str) -> list[str]:

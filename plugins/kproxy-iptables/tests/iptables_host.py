@@ -30,6 +30,16 @@ def _canary_check(backend: Backend, _args: Any) -> bool:
     return bool(backend.canary_monitor.check_once())  # type: ignore[attr-defined]
 
 
+def _missing_in_kernel(backend: Backend, _args: Any) -> list[str]:
+    """What the canary monitor's check finds missing (without acting on it)."""
+    return list(backend.missing_in_kernel())  # type: ignore[attr-defined]
+
+
+def _writer_backend(backend: Backend, _args: Any) -> str:
+    """"nft" or "legacy": the iptables backend the proxier detected in its namespace."""
+    return str(backend.writer(4).backend)  # type: ignore[attr-defined]
+
+
 class ProxierHost(BackendHost):
     def __init__(self, netns: str, config: Mapping[str, Any] | None = None,
                  families: tuple[int, ...] = (4,)) -> None:
@@ -38,10 +48,16 @@ class ProxierHost(BackendHost):
         def make() -> Backend:
             from kproxy_iptables.proxier import IptablesProxier
 
+            from kproxy_core.kernel.iptables_writers import detect_backend
+
+            # Detect in this namespace, not from a cache the forking test process filled.
+            detect_backend.cache_clear()
             return IptablesProxier(context(config, families))
 
         super().__init__(netns, make, ops={"writer": _writer, "cleanup": _cleanup,
-                                         "canary_check": _canary_check})
+                                         "canary_check": _canary_check,
+                                         "missing_in_kernel": _missing_in_kernel,
+                                         "writer_backend": _writer_backend})
 
     def save(self, table: str) -> str:
         return str(self.call("writer", ("save", (table,))))

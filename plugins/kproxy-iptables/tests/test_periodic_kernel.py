@@ -2,7 +2,8 @@
 False``, as upstream): with no change, per-service chains are left alone (their rules and
 counters stay), the top-level chains are rewritten (so drift there is repaired every sync
 period), and drift inside per-service chains waits for the next full sync (hourly, or at once
-after a canary loss or a failed sync). Real kernel, inside a namespace; no traffic needed."""
+after a canary loss, a missing jump rule or a failed sync). Real kernel, inside a namespace;
+no traffic needed."""
 
 from __future__ import annotations
 
@@ -39,6 +40,26 @@ def host() -> Iterator[ProxierHost]:
     try:
         node = sandbox.netns("node")
         proxier = ProxierHost(node.name, {"clusterCIDR": "10.244.0.0/16"})
+        yield proxier
+    finally:
+        if proxier is not None:
+            proxier.close()
+        sandbox.close()
+
+
+@pytest.fixture(params=["nft", "legacy"])
+def backend_host(request: pytest.FixtureRequest) -> Iterator[ProxierHost]:
+    """A proxier on the nf_tables or the legacy backend: the monitor reads them differently."""
+    if os.geteuid() != 0:
+        pytest.fail("kernel tests need root (they create network namespaces)")
+    sandbox = Sandbox()
+    proxier: ProxierHost | None = None
+    try:
+        node = sandbox.netns("node")
+        if request.param == "legacy":  # kubelet's hint chain makes detection pick legacy
+            node.run(["iptables-legacy", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"])
+        proxier = ProxierHost(node.name, {"clusterCIDR": "10.244.0.0/16"})
+        assert proxier.call("writer_backend") == request.param
         yield proxier
     finally:
         if proxier is not None:
@@ -86,3 +107,56 @@ def test_a_deleted_service_chain_fails_the_partial_sync_which_forces_a_full_one(
     host.sync(WEB, OTHER, full=True)
     nat = host.save("nat")
     assert f":{svc_chain}" in nat and f"-j {svc_chain}" in nat
+
+
+PREROUTING_JUMP = next(j for j in R.JUMP_RULES
+                       if (j.table, j.source) == ("nat", "PREROUTING"))
+PREROUTING_LINE = ('-A PREROUTING -m comment --comment "kubernetes service portals" '
+                   "-j KUBE-SERVICES")
+
+
+def test_a_deleted_jump_is_noticed_by_the_monitor_and_the_next_sync_is_full(
+        backend_host: ProxierHost) -> None:
+    host = backend_host
+    host.sync(WEB, OTHER, full=True)
+    assert PREROUTING_LINE in host.save("nat")
+    assert host.call("missing_in_kernel") == []
+    host.call("writer", ("delete_rule", ("nat", "PREROUTING", PREROUTING_JUMP.args())))
+    assert PREROUTING_LINE not in host.save("nat")
+
+    # A partial (periodic) sync does not ensure jumps, as upstream's; the sync path does not
+    # look at the kernel either.
+    host.sync(WEB, OTHER)
+    assert PREROUTING_LINE not in host.save("nat")
+    assert host.call("needs_full_sync") is False
+
+    # The monitor's round (its thread waits a sync period) finds exactly that jump.
+    assert host.call("missing_in_kernel") == [
+        "jump rule is gone: IPv4 nat PREROUTING -m comment --comment "
+        "'kubernetes service portals' -j KUBE-SERVICES"]
+    assert host.call("canary_check") is False
+    assert host.call("needs_full_sync") is True
+
+    # What the core does with the answer: the next sync is full, and it puts the jump back.
+    host.sync(WEB, OTHER, full=host.call("needs_full_sync"))
+    nat = host.save("nat")
+    assert nat.count(PREROUTING_LINE) == 1, nat
+    assert host.call("needs_full_sync") is False
+    assert host.call("canary_check") is True
+
+
+def test_a_flushed_nat_table_is_reported_jumps_and_canary_alike(
+        backend_host: ProxierHost) -> None:
+    host = backend_host
+    host.sync(WEB, OTHER, full=True)
+    binary = f"iptables-{host.call('writer_backend')}"
+    host.run(binary, "-t", "nat", "-F")
+    host.run(binary, "-t", "nat", "-X")
+    missing = host.call("missing_in_kernel")
+    assert missing[0] == ("canary chain KUBE-PROXY-CANARY is gone from the IPv4 nat table "
+                          "(tables flushed?)")
+    assert sorted(m.split(" -")[0] for m in missing[1:]) == [
+        "jump rule is gone: IPv4 nat OUTPUT", "jump rule is gone: IPv4 nat POSTROUTING",
+        "jump rule is gone: IPv4 nat PREROUTING"]
+    host.sync(WEB, OTHER, full=True)
+    assert host.call("missing_in_kernel") == []
