@@ -10,12 +10,13 @@ replacing one endpoint (same count), as many adding a sixth and as many removing
 sent, the writer used: netlink or nft). Each change is timed twice over: the sync alone, and
 end to end as the core pays it, ``needs_full_sync()`` (the table check the core makes before
 every sync that is not already full) plus the sync; the check's own median is printed, and
-so is the check older versions made, ``nft list table ip kube-proxy`` (median of 3 runs),
-for a before/after in one run. Then a second full sync (what a restart, a failed sync or the
-hourly full sync pays; periodic syncs are partial), which lists chain/set/map names once,
-and the process's peak RSS (``ru_maxrss`` of the forked child that ran the proxier, which
-starts as a copy of this process: the baseline is printed too). ``--replace-only`` runs only
-the replacements (the only kind older versions of this script measured).
+so is the check older versions made, ``nft list table ip kube-proxy`` (median of 3 runs,
+wall and CPU seconds), for a before/after in one run. Then a second full sync (what a
+restart, a failed sync or the hourly full sync pays; periodic syncs are partial), which
+lists chain/set/map names once, and the process's peak RSS (``ru_maxrss`` of the forked
+child that ran the proxier, which starts as a copy of this process: the baseline is printed
+too). ``--replace-only`` runs only the replacements (the only kind older versions of this
+script measured).
 """
 
 from __future__ import annotations
@@ -120,12 +121,14 @@ def bench(n: int, changes: int, kinds: tuple[str, ...]) -> dict[str, Any]:
                partial_statements=max(statements), writer="+".join(sorted(writers)),
                check_s=statistics.median(checks), e2e_median_s=statistics.median(end_to_end),
                e2e_max_s=max(end_to_end), asked_full=asked_full)
-    old_check = []
+    old_check, old_cpu = [], []
     for _ in range(3):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_s()
         nft.table_exists(4)  # the check before (nft prints the whole table)
         old_check.append(time.perf_counter() - start)
-    out.update(old_check_s=statistics.median(old_check))
+        old_cpu.append(cpu_s() - cpu)
+    out.update(old_check_s=statistics.median(old_check),
+               old_check_cpu_s=statistics.median(old_cpu))
     start = time.perf_counter()
     result = proxier.sync(SyncRequest(view=NodeView("node", ("10.99.0.1",), "", dict(ports)),
                                       changed=frozenset(), full=True))
@@ -147,7 +150,7 @@ def main() -> int:
           f"{'1-ep med ms':>11} "
           f"{'max ms':>7} {'(kernel)':>8} {'stmts':>5} {'resync s':>8} {'(nft s)':>8} "
           f"{'rss MB':>7} {'base MB':>7} {'writer':>7} {'check us':>8} {'e2e med ms':>10} "
-          f"{'e2e max ms':>10} {'old chk s':>9}  median/max ms per kind")
+          f"{'e2e max ms':>10} {'old chk s':>9} {'(cpu)':>5}  median/max ms per kind")
     for n in (int(s) for s in args.sizes.split(",")):
         with Sandbox() as sandbox:
             ns = sandbox.netns("nftbench")
@@ -162,7 +165,7 @@ def main() -> int:
               f"{r['resync_s']:>8.2f} {r['resync_nft_s']:>8.2f} {r['peak_rss_mb']:>7.0f} "
               f"{r['baseline_rss_mb']:>7.0f} {r['writer']:>7} {r['check_s'] * 1e6:>8.0f} "
               f"{r['e2e_median_s'] * 1000:>10.1f} {r['e2e_max_s'] * 1000:>10.1f} "
-              f"{r['old_check_s']:>9.2f}  {per_kind}"
+              f"{r['old_check_s']:>9.2f} {r['old_check_cpu_s']:>5.2f}  {per_kind}"
               + (f"  (check asked for a full sync {r['asked_full']}x)" if r["asked_full"]
                  else ""), flush=True)
     return 0
