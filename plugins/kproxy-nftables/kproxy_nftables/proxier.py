@@ -5,7 +5,9 @@ only the changed service ports: it diffs the render of each changed port against
 it programmed last time (kept in memory, never read back from the kernel), so a one-endpoint
 change is a handful of statements whatever the number of services. A full sync re-declares
 the table, flushes the service maps and re-adds everything; the only kernel read is one
-listing of chain and set names per family, to delete what no service owns any more.
+listing of chain and set names per family, to delete what no service owns any more. Before
+a partial sync the core asks `NftablesProxier.needs_full_sync`: one netlink lookup of the
+table by name per family (is it there, is it still the one the last full sync declared).
 """
 
 from __future__ import annotations
