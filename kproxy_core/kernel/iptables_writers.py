@@ -180,9 +180,29 @@ def take_detection_save(binary: str, max_age: float = DETECTION_SAVE_MAX_AGE) ->
     return text
 
 
-def _count_rules(binary: str | None) -> tuple[int, int, bool]:
-    """(KUBE-* rules, all rules, hint chain present) in ``binary``'s save output."""
-    if binary is None:
+#: Where the legacy (x_tables) save commands find this namespace's tables, per family.
+_LEGACY_TABLE_LISTS = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
+
+
+def _no_tables(table_list: str | None) -> bool:
+    """Whether ``table_list`` (a legacy save command's list of the namespace's tables) says
+    there are none: that command would then print nothing, so it need not run (a process:
+    about half a second in the emulated VM). False when the list cannot be read."""
+    if table_list is None:
+        return False
+    try:
+        with open(table_list) as handle:
+            return not handle.read().strip()
+    except FileNotFoundError:
+        return True  # ip_tables is not even loaded: the command prints nothing either
+    except OSError:
+        return False
+
+
+def _count_rules(binary: str | None, table_list: str | None = None) -> tuple[int, int, bool]:
+    """(KUBE-* rules, all rules, hint chain present) in ``binary``'s save output;
+    ``table_list``: the legacy table list that, when empty, makes running it pointless."""
+    if binary is None or _no_tables(table_list):
         return 0, 0, False
     try:
         proc = subprocess.run([binary], capture_output=True, text=True, timeout=10,
@@ -203,7 +223,9 @@ def _count_rules(binary: str | None) -> tuple[int, int, bool]:
     return kube, total, hint
 
 
-def _detect(legacy: Sequence[str | None], nft: Sequence[str | None]) -> Backend:
+def _detect(legacy: Sequence[str | None], nft: Sequence[str | None],
+            legacy_tables: Sequence[str | None] = ()) -> Backend:
+    """``legacy_tables``: per legacy binary, the file listing its tables (`_no_tables`)."""
     have_legacy = any(b is not None for b in legacy)
     have_nft = any(b is not None for b in nft)
     if not (have_legacy or have_nft):
@@ -216,9 +238,10 @@ def _detect(legacy: Sequence[str | None], nft: Sequence[str | None]) -> Backend:
     # The save commands run at once: each is a process start (seconds on a slow or emulated
     # machine) and this runs on the first sync's critical path.
     sides: tuple[tuple[Backend, Sequence[str | None]], ...] = (("legacy", legacy), ("nft", nft))
-    jobs = [binary for _name, binaries in sides for binary in binaries]
+    lists = list(legacy_tables) + [None] * (len(legacy) - len(legacy_tables))
+    jobs = [*zip(legacy, lists, strict=True), *((binary, None) for binary in nft)]
     with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
-        results = iter(list(pool.map(_count_rules, jobs)))
+        results = iter(list(pool.map(lambda job: _count_rules(*job), jobs)))
     counts: dict[Backend, tuple[int, int, bool]] = {}
     for name, binaries in sides:
         kube = total = 0
@@ -249,7 +272,7 @@ def detect_backend() -> Backend:
     """
     legacy = [find_binary(f, "legacy", "save") for f in (4, 6)]
     nft = [find_binary(f, "nft", "save") for f in (4, 6)]
-    return _detect(legacy, nft)
+    return _detect(legacy, nft, [_LEGACY_TABLE_LISTS[f] for f in (4, 6)])
 
 
 _LINE_RE = re.compile(r"\bline:? (\d+)", re.IGNORECASE)

@@ -420,3 +420,46 @@ def test_link_index_over_netlink() -> None:
     assert lo == lo_ioctl == 1
     assert veth == veth_ioctl and veth is not None and veth > 1
     assert missing is None
+
+
+@pytest.mark.root
+def test_backend_detection_skips_legacy_saves_with_no_legacy_tables() -> None:
+    """In a namespace without x_tables tables the legacy save commands would print nothing:
+    the detection does not run them (same answer); once a legacy table holds rules, they
+    run and decide."""
+
+    def run() -> list[tuple[str, list[str]]]:
+        from kproxy_core.kernel import iptables_writers as w
+        from kproxy_core.kernel.iptables import RestoreData
+
+        ran: list[str] = []
+        real_run = subprocess.run
+
+        def recording(argv: list[str], *args: Any, **kwargs: Any) -> Any:
+            ran.append(argv[0])
+            return real_run(argv, *args, **kwargs)
+
+        out = []
+        w.subprocess.run = recording  # type: ignore[assignment]
+        try:
+            for legacy_rules in (False, True):
+                if legacy_rules:
+                    data = RestoreData(4)
+                    data.table("nat").chain("KUBE-SERVICES")
+                    data.table("nat").raw_rules(["-A KUBE-SERVICES -j RETURN"])
+                    w.make_writer("restore", 4, "legacy").restore(data)
+                ran.clear()
+                w.detect_backend.cache_clear()
+                out.append((w.detect_backend(), list(ran)))
+        finally:
+            w.subprocess.run = real_run
+            w.detect_backend.cache_clear()
+        return out
+
+    with Sandbox() as sandbox:
+        (empty, empty_ran), (legacy, legacy_ran) = in_netns(sandbox.netns("detect").name, run,
+                                                            timeout=60)
+    assert empty == "nft"
+    assert not [b for b in empty_ran if "legacy" in b], empty_ran
+    assert legacy == "legacy"
+    assert any(b.endswith("iptables-legacy-save") for b in legacy_ran), legacy_ran
