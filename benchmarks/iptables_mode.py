@@ -10,9 +10,18 @@ each writer/backend, in a fresh network namespace, runs the real thing, ``kproxy
   KUBE-SEP chain visible in the kernel (``iptables -t nat -S CHAIN`` polled). The manifests
   source polls its directory every second, so this includes up to 1 s of polling; kproxy's
   own partial sync duration (from its log) is printed beside it.
-* one periodic full sync (``--iptables-sync-period``, 30 s by default) over the populated
-  tables, waited for after the changes: that is the steady state's memory peak (stale chain
-  listing, every chain rewritten), so peak RSS is read after it (``--no-periodic`` skips it).
+* one periodic sync (``--iptables-sync-period``, ``--sync-period``, 30 s by default) with
+  nothing changed, waited for after the changes: partial since periodic syncs are (as
+  upstream's), its duration from kproxy's partial-sync histogram and kproxy's CPU (own +
+  children) across it.
+* one forced full sync over the populated tables: a jump rule (``POSTROUTING -j
+  KUBE-POSTROUTING``) is deleted, the canary monitor notices it within a sync period and asks
+  for a sync, which is full (the hourly full sync is the same work). Its duration (from the
+  log), deletion -> synced, CPU across it, and whether the jump is back. That is the steady
+  state's memory peak (stale chain listing, every chain rewritten), so peak RSS is read after
+  it (``--no-periodic`` skips both).
+* the canary monitor's check at that size (what its thread runs every sync period:
+  `IptablesProxier.missing_in_kernel`, in the namespace, best of 3).
 * rules in the kernel (``-A`` lines of iptables-save), kproxy's peak RSS (VmHWM, its own
   process only) and CPU seconds (its own, and its children's: the restore processes).
   ``--kproxy-pythonpath DIR...`` runs another checkout's kproxy (e.g. an older commit from
@@ -157,22 +166,49 @@ def wait_log(log: Path, kind: str, count: int, deadline: float) -> re.Match[str]
     return None
 
 
-def sync_histogram(ns: NetNS) -> tuple[float, int]:
-    """(sum, count) of kproxy's sync-duration histogram, from its metrics endpoint."""
+def sync_histogram(ns: NetNS, kind: str = "") -> tuple[float, int]:
+    """(sum, count) of kproxy's sync-duration histogram (``kind`` "partial" or "full": that
+    one), from its metrics endpoint."""
     text = ns.run([sys.executable, "-c", "import urllib.request;print(urllib.request.urlopen("
                    "'http://127.0.0.1:10249/metrics').read().decode())"]).stdout
+    name = f"kubeproxy_sync_{kind}_proxy_rules" if kind else "kubeproxy_sync_proxy_rules"
     total, count = 0.0, 0
     for line in text.splitlines():
-        if line.startswith("kubeproxy_sync_proxy_rules_duration_seconds_sum"):
+        if line.startswith(f"{name}_duration_seconds_sum"):
             total = float(line.split()[-1])
-        elif line.startswith("kubeproxy_sync_proxy_rules_duration_seconds_count"):
+        elif line.startswith(f"{name}_duration_seconds_count"):
             count = int(float(line.split()[-1]))
     return total, count
 
 
+def monitor_check_seconds(ns: NetNS, reps: int = 3) -> tuple[float, int]:
+    """(best wall seconds of the canary monitor's check, what it found missing) in ``ns``,
+    by a proxier built like kproxy's (same defaults) that only reads the kernel."""
+    def check() -> tuple[float, int]:
+        from kproxy_core.kernel.iptables_writers import detect_backend
+
+        detect_backend.cache_clear()
+        proxier = IptablesProxier(BackendContext(
+            _Config(), "node", logging.getLogger("bench"),
+            KproxyPluginManager(load_entrypoints=False), families=(4,)))
+        best, missing = float("inf"), 0
+        for _ in range(reps):
+            start = time.perf_counter()
+            missing = len(proxier.missing_in_kernel())
+            best = min(best, time.perf_counter() - start)
+        return best, missing
+
+    return in_netns(ns.name, check, timeout=600)
+
+
+#: The jump the forced full sync's trigger deletes (nothing in the benchmark needs SNAT).
+POSTROUTING_JUMP = ["POSTROUTING", "-m", "comment", "--comment", "kubernetes postrouting rules",
+                    "-j", "KUBE-POSTROUTING"]
+
+
 def run_kproxy(services: int, endpoints: int, writer: str, backend: str, changes: int,
                budget: float, *, periodic: bool = True, pythonpath: list[str] | None = None,
-               label: str = "") -> dict[str, Any]:
+               label: str = "", sync_period: float = 30.0) -> dict[str, Any]:
     out: dict[str, Any] = {"services": services, "writer": writer, "backend": backend,
                            "label": label}
     env = dict(os.environ)
@@ -194,7 +230,8 @@ def run_kproxy(services: int, endpoints: int, writer: str, backend: str, changes
                              "--hostname-override=node", f"--cluster-cidr={CLUSTER_CIDR}",
                              "--healthz-bind-address=127.0.0.1:10256",
                              "--metrics-bind-address=127.0.0.1:10249",
-                             "--iptables-min-sync-period=0", "--v=2"],
+                             "--iptables-min-sync-period=0",
+                             f"--iptables-sync-period={sync_period:g}s", "--v=2"],
                             stdout=sink, stderr=subprocess.STDOUT, env=env)
         try:
             first = wait_log(log, "full", 1, start + budget)
@@ -244,10 +281,33 @@ def run_kproxy(services: int, endpoints: int, writer: str, backend: str, changes
         out["partial_sync"] = sorted(partials)[len(partials) // 2] if partials else None
         out["rss_before_periodic_mb"] = proc_hwm_mb(proc.pid)
         if periodic:
+            # The periodic sync of a quiet node: partial (nothing changed since the changes).
+            before = sync_histogram(ns, "partial")
+            cpu_before = sum(proc_cpu(proc.pid))
+            until = time.monotonic() + sync_period + budget
+            while time.monotonic() < until:
+                total, count = sync_histogram(ns, "partial")
+                if count > before[1]:
+                    out["periodic_partial_sync"] = (total - before[0]) / (count - before[1])
+                    out["periodic_partial_cpu"] = sum(proc_cpu(proc.pid)) - cpu_before
+                    break
+                time.sleep(0.2)
+            out["monitor_check"], out["monitor_missing"] = monitor_check_seconds(ns)
+            # A forced full sync, through the canary monitor: a deleted jump.
             fulls = len([m for m in SYNC_RE.finditer(log.read_text(errors="replace"))
                          if m.group(1) == "full"])
-            again = wait_log(log, "full", fulls + 1, time.monotonic() + 30 + budget)
-            out["periodic_full_sync"] = float(again.group(4)) if again else None
+            cpu_before = sum(proc_cpu(proc.pid))
+            ns.run([binary, "-w", "5", "-t", "nat", "-D", *POSTROUTING_JUMP])
+            deleted = time.monotonic()
+            again = wait_log(log, "full", fulls + 1, deleted + sync_period + budget)
+            if again is not None:
+                out["forced_full_sync"] = float(again.group(4))
+                out["forced_full_after"] = time.monotonic() - deleted
+                out["forced_full_cpu"] = sum(proc_cpu(proc.pid)) - cpu_before
+                out["forced_full_reason"] = log.read_text(errors="replace")[
+                    again.end():].split("\n", 1)[0].strip().strip('"')
+                out["jump_back"] = ns.run([binary, "-w", "5", "-t", "nat", "-C",
+                                           *POSTROUTING_JUMP], check=False).returncode == 0
         own, children = proc_cpu(proc.pid)
         out["cpu_own"] = own
         out["cpu_children"] = children
@@ -387,7 +447,10 @@ def main() -> None:
     parser.add_argument("--json", help="write raw results here")
     parser.add_argument("--replot", help="only redraw --plot from a --json file")
     parser.add_argument("--no-periodic", action="store_true",
-                        help="do not wait for a periodic full sync before reading peak RSS")
+                        help="skip the periodic (partial) and the forced full sync")
+    parser.add_argument("--sync-period", type=float, default=30.0,
+                        help="kproxy's --iptables-sync-period, seconds (also the canary "
+                             "monitor's period)")
     parser.add_argument("--kproxy-pythonpath", nargs="+",
                         help="run kproxy from these directories instead (another checkout)")
     parser.add_argument("--label", default="", help="printed with each kproxy result")
@@ -414,7 +477,7 @@ def main() -> None:
         for writer, backend in configs:
             r = run_kproxy(size, args.endpoints, writer, backend, args.changes, args.budget,
                            periodic=not args.no_periodic, pythonpath=args.kproxy_pythonpath,
-                           label=args.label)
+                           label=args.label, sync_period=args.sync_period)
             results.append(r)
             print(json.dumps(r), flush=True)
         for writer, backend in ([] if args.no_floor else configs):
@@ -433,20 +496,25 @@ def main() -> None:
     print()
     print("| services | writer | backend | first full sync s | restore in it s | Python "
           "share | start->synced s | 1-endpoint change s (sync s) | rules | chains | peak RSS "
-          "MB (before the periodic full sync) | periodic full sync s | CPU own / children s | "
+          "MB (before the forced full sync) | periodic partial sync s (CPU s) | forced full "
+          "sync s (CPU s; jump deleted -> synced s) | monitor check s | CPU own / children s | "
           "load | label |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "sync" not in r:
             print(f"| {r['services']} | {r['writer']} | {r['backend']} | {r['error']} |"
-                  + " |" * 10 + f" {r['pressure']} | {r['label']} |")
+                  + " |" * 12 + f" {r['pressure']} | {r['label']} |")
             continue
         share = (r["sync"] - r["external"]) / r["sync"] if r["sync"] else 0.0
         print(f"| {r['services']} | {r['writer']} | {r['backend']} | {fmt(r['sync'])} | "
               f"{fmt(r['external'])} | {share:.0%} | {fmt(r['start_to_synced'])} | "
               f"{fmt(r['change'])} ({fmt(r['partial_sync'], 3)}) | {r['rules']} | "
               f"{r['chains']} | {fmt(r['rss_mb'], 0)} ({fmt(r['rss_before_periodic_mb'], 0)}) | "
-              f"{fmt(r.get('periodic_full_sync'))} | {fmt(r['cpu_own'], 1)} / "
+              f"{fmt(r.get('periodic_partial_sync'), 3)} "
+              f"({fmt(r.get('periodic_partial_cpu'))}) | {fmt(r.get('forced_full_sync'))} "
+              f"({fmt(r.get('forced_full_cpu'))}; {fmt(r.get('forced_full_after'), 1)}"
+              f"{'' if r.get('jump_back', True) else ', JUMP NOT BACK'}) | "
+              f"{fmt(r.get('monitor_check'), 3)} | {fmt(r['cpu_own'], 1)} / "
               f"{fmt(r['cpu_children'], 1)} | {r['pressure']} | {r['label']} |")
     print()
     print("| services | floor | wall s | CPU s | peak RSS MB | load |")
