@@ -12,11 +12,19 @@ Install the prerequisites with ``plugins/kproxy-ipvs/vm/setup.sh``; then::
 
 The exit code is the command's. KVM is off by default (``--kvm`` to try it): on the machines
 this was written on KVM failed with an MSR error, and TCG boots in 20-30 s.
+
+The guest reads the host's files over 9p without a cache: every ``stat``/``open`` is a round
+trip through the emulated kernel and QEMU. A Python start imports hundreds of modules (kproxy's
+API client alone ~450), which took minutes per process in the guest. So, unless
+``--no-cache-python``, the interpreter's standard library and site-packages are packed into
+one tar on the host, unpacked into the guest's RAM (tmpfs) at boot and bind-mounted over the
+same paths: the same files at the same places, read from memory (`python_trees`).
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import glob
 import os
 import select
@@ -25,8 +33,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 #: Set in the guest for the command, so test suites can tell they run in the VM.
 IN_VM_ENV = "KPROXY_IN_VM"
@@ -86,10 +97,122 @@ def find_kernel(modules: Sequence[str] = (), *, boot: str = "/boot",
     return sorted(usable)[-1][1]
 
 
-def guest_script(argv: Sequence[str], modules: Sequence[str], cwd: str,
-                 env: dict[str, str]) -> str:
-    """The shell line run in the guest: load modules, then exec the command with ``env``."""
-    parts = [f"cd {shlex.quote(cwd)}"]
+#: Parts of the standard library no test imports (the stdlib's own tests, IDLE, Tk, the static
+#: library for building extensions...): not copied into the guest's RAM.
+STDLIB_SKIP = ("test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "config-*")
+
+#: Big parts of site-packages the guest never imports (kubernetes' asyncio client is a third of
+#: a test env): left out of the copy, still readable over 9p.
+SITE_PACKAGES_SKIP = ("kubernetes/aio", "pip")
+
+#: Where the guest unpacks the cached trees (its /tmp is a fresh tmpfs).
+GUEST_CACHE = "/tmp/.kproxy-vm-python"
+#: Trees larger than this together stay on 9p (the guest's /tmp holds half its memory; a test
+#: env's interpreter is ~300 MB, a host interpreter with everything installed can be GBs).
+CACHE_LIMIT = 600 * 2**20
+
+
+def python_trees() -> list[tuple[str, tuple[str, ...]]]:
+    """(directory, subdirectories left out) for each tree the running interpreter imports
+    from: its standard library (without `STDLIB_SKIP`) and its site-packages, parents before
+    the trees nested in them. What is left out of a copy stays visible in the guest, read
+    over 9p (`guest_script` binds it into the copy), so nothing disappears."""
+    paths = sysconfig.get_paths()
+    dirs: list[str] = []
+    # Not platstdlib: in a venv it is the venv's lib directory, holding only site-packages.
+    for key in ("stdlib", "purelib", "platlib"):
+        path = os.path.realpath(paths[key])
+        if os.path.isdir(path) and path not in dirs and not hidden_in_guest(path):
+            dirs.append(path)
+    dirs.sort(key=len)
+    stdlib = os.path.realpath(paths["stdlib"])
+    budget = CACHE_LIMIT
+    trees: list[tuple[str, tuple[str, ...]]] = []
+    for path in dirs:
+        # A venv's base site-packages is not imported from; a nested tree is cached apart.
+        if path == stdlib:
+            patterns = [*STDLIB_SKIP, "site-packages"]
+            names = os.listdir(path)
+        else:
+            patterns = list(SITE_PACKAGES_SKIP)
+            names = list(SITE_PACKAGES_SKIP)
+        nested = {os.path.relpath(other, path).split("/", 1)[0] for other in dirs
+                  if other.startswith(path + "/")}
+        skip = tuple(sorted(name for name in {*names, *nested}
+                            if os.path.isdir(os.path.join(path, name)) and (
+                                name in nested or any(fnmatch.fnmatch(name, pattern)
+                                                      for pattern in patterns))))
+        size = _tree_size(path, skip, budget)
+        if size > budget:
+            print(f"vm: not caching {path} in the guest's RAM (over "
+                  f"{CACHE_LIMIT // 2**20} MiB with the rest)", file=sys.stderr)
+            continue
+        budget -= size
+        trees.append((path, skip))
+    return trees
+
+
+def _tree_size(path: str, skip: Sequence[str], limit: int) -> int:
+    """Bytes of the files under ``path`` outside its subdirectories ``skip`` (counting stops
+    past ``limit``)."""
+    total = 0
+    left_out = {os.path.join(path, name) for name in skip}
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if os.path.join(root, d) not in left_out]
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+        if total > limit:
+            break
+    return total
+
+
+@contextmanager
+def packed_trees(trees: Sequence[tuple[str, tuple[str, ...]]], root: str | None = None
+                 ) -> Iterator[list[tuple[str, str, tuple[str, ...]]]]:
+    """One tar per tree in a host directory the guest can read (under ``root``, default
+    ``~/.cache/kproxy-vm``); yields (tar, directory, subdirectories left out) and removes the
+    tars afterwards."""
+    if not trees:
+        yield []
+        return
+    if root is None:
+        root = os.path.join(os.path.expanduser("~"), ".cache", "kproxy-vm")
+        if hidden_in_guest(root):
+            raise VMUnavailable(f"{root} is not visible in the guest: use --no-cache-python")
+    os.makedirs(root, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="python-", dir=root)
+    try:
+        packed = []
+        for index, (path, skip) in enumerate(trees):
+            tar = os.path.join(workdir, f"{index}.tar")
+            excludes = [f"--exclude=./{name}" for name in skip]
+            subprocess.run(["tar", "-cf", tar, "-C", path, *excludes, "."], check=True)
+            packed.append((tar, path, skip))
+        yield packed
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def guest_script(argv: Sequence[str], modules: Sequence[str], cwd: str, env: dict[str, str],
+                 cached: Sequence[tuple[str, str, tuple[str, ...]]] = (),
+                 cache_dir: str = GUEST_CACHE) -> str:
+    """The shell line run in the guest: unpack each ``cached`` (tar, directory, subdirectories
+    left out) into ``cache_dir`` (RAM) and mount it over its directory, the left-out
+    subdirectories bound in from the original; load modules; exec the command with ``env``."""
+    parts = []
+    for index, (tar, path, skip) in enumerate(cached):
+        copy = shlex.quote(f"{cache_dir}/{index}")
+        parts += [f"mkdir -p {copy}", f"tar -xf {shlex.quote(tar)} -C {copy}"]
+        for name in skip:
+            inside = shlex.quote(f"{cache_dir}/{index}/{name}")
+            parts += [f"mkdir -p {inside}",
+                      f"mount --bind {shlex.quote(os.path.join(path, name))} {inside}"]
+        # --rbind: with the left-out subdirectories bound into the copy.
+        parts.append(f"mount --rbind {copy} {shlex.quote(path)}")
+    parts.append(f"cd {shlex.quote(cwd)}")
     for module in modules:
         parts.append(f"modprobe {shlex.quote(module)}")
     assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
@@ -99,7 +222,8 @@ def guest_script(argv: Sequence[str], modules: Sequence[str], cwd: str,
 
 def build_vng_argv(argv: Sequence[str], *, kernel: str, modules: Sequence[str], cwd: str,
                    memory: str, cpus: int, kvm: bool, env: dict[str, str],
-                   shared_dirs: Sequence[str] = (), rw_dirs: Sequence[str] = ()) -> list[str]:
+                   shared_dirs: Sequence[str] = (), rw_dirs: Sequence[str] = (),
+                   cached: Sequence[tuple[str, str, tuple[str, ...]]] = ()) -> list[str]:
     vng = shutil.which("vng")
     if vng is None:
         raise VMUnavailable(
@@ -115,7 +239,7 @@ def build_vng_argv(argv: Sequence[str], *, kernel: str, modules: Sequence[str], 
     out += [f"--rwdir={path}" for path in rw_dirs]
     if not kvm:
         out.append("--disable-kvm")
-    out += ["--exec", guest_script(argv, modules, cwd, env)]
+    out += ["--exec", guest_script(argv, modules, cwd, env, cached)]
     return out
 
 
@@ -139,9 +263,10 @@ def guest_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def run_in_vm(argv: Sequence[str], *, modules: Sequence[str] = (), kernel: str | None = None,
               cwd: str | None = None, memory: str = "2G", cpus: int = 2, kvm: bool = False,
               timeout: float = 900, env: dict[str, str] | None = None,
-              rw_dirs: Sequence[str] = ()) -> int:
+              rw_dirs: Sequence[str] = (), cache_python: bool = False) -> int:
     """Boot the VM, run ``argv`` (first word resolved like the host would), return its exit
-    code. Output goes to this process's stdout/stderr."""
+    code. Output goes to this process's stdout/stderr. ``cache_python``: the interpreter's
+    trees in the guest's RAM (`python_trees`)."""
     argv = list(argv)
     if not argv:
         raise ValueError("no command given")
@@ -149,10 +274,16 @@ def run_in_vm(argv: Sequence[str], *, modules: Sequence[str] = (), kernel: str |
         argv[0] = sys.executable
     shared = sorted({os.path.realpath(path) for path in (cwd or os.getcwd(), sys.prefix)
                      if hidden_in_guest(path)})
-    vng_argv = build_vng_argv(argv, kernel=kernel or find_kernel(modules), modules=modules,
-                              cwd=cwd or os.getcwd(), memory=memory, cpus=cpus, kvm=kvm,
-                              env=guest_env(env), shared_dirs=shared,
-                              rw_dirs=[os.path.realpath(path) for path in rw_dirs])
+    with packed_trees(python_trees() if cache_python else []) as cached:
+        vng_argv = build_vng_argv(argv, kernel=kernel or find_kernel(modules), modules=modules,
+                                  cwd=cwd or os.getcwd(), memory=memory, cpus=cpus, kvm=kvm,
+                                  env=guest_env(env), shared_dirs=shared,
+                                  rw_dirs=[os.path.realpath(path) for path in rw_dirs],
+                                  cached=cached)
+        return _run(vng_argv, timeout)
+
+
+def _run(vng_argv: list[str], timeout: float) -> int:
     # Own process group: on timeout QEMU (vng's child) must die too, not linger as an orphan.
     started = time.monotonic()
     deadline = started + timeout
@@ -208,6 +339,9 @@ def main(args: Sequence[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--rwdir", action="append", default=[], metavar="DIR",
                         help="host directory the guest may write (same path in the guest)")
+    parser.add_argument("--no-cache-python", dest="cache_python", action="store_false",
+                        help="read Python's standard library and site-packages over 9p "
+                             "instead of from a copy in the guest's RAM")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     ns = parser.parse_args(args)
     command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
@@ -220,7 +354,8 @@ def main(args: Sequence[str] | None = None) -> int:
     try:
         return run_in_vm(command, modules=[m for m in ns.modules.split(",") if m],
                          kernel=ns.kernel, memory=ns.memory, cpus=ns.cpus, kvm=ns.kvm,
-                         timeout=ns.timeout, env=extra, rw_dirs=ns.rwdir)
+                         timeout=ns.timeout, env=extra, rw_dirs=ns.rwdir,
+                         cache_python=ns.cache_python)
     except (VMUnavailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -183,10 +183,16 @@ class Cluster:
                 f"--cluster-cidr={CLUSTER_CIDR}", f"--healthz-bind-address={HEALTHZ}",
                 f"--metrics-bind-address={METRICS}", "--v=2", *mode_flags(self.mode), *extra]
 
-    def start_kproxy(self, *extra: str) -> Kproxy:
+    def spawn_kproxy(self, *extra: str) -> Kproxy:
+        """Start a kproxy process (the cluster's current one) without waiting for it."""
         self._restarts += 1
         kp = self.kproxy = Kproxy(self.sb.node, self.kproxy_argv(*extra),
                                   self.workdir / f"kproxy-{self._restarts}.log")
+        return kp
+
+    def start_kproxy(self, *extra: str) -> Kproxy:
+        """Start a kproxy process and wait until its /healthz says 200."""
+        kp = self.spawn_kproxy(*extra)
 
         def healthy() -> bool:
             if not kp.alive():

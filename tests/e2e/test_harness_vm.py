@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,69 @@ def test_missing_ipvs_fails_in_the_vm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KPROXY_IN_VM")
     problem = mode_problem("ipvs")
     assert problem is not None and problem[1] is False and not must_not_skip()
+
+
+# -- the interpreter's trees in the guest's RAM (kproxy_core.testing.vm) -----------------------
+
+
+def test_python_trees_are_the_stdlib_then_site_packages() -> None:
+    import sysconfig
+
+    from kproxy_core.testing import vm
+
+    trees = vm.python_trees()
+    paths = [path for path, _ in trees]
+    assert paths and paths[0] == os.path.realpath(sysconfig.get_paths()["stdlib"]), trees
+    assert all(os.path.isdir(path) for path in paths)
+    stdlib_skip = trees[0][1]
+    # Never imported in a test run: left out of the copy (still readable over 9p).
+    assert "site-packages" in stdlib_skip or not os.path.isdir(
+        os.path.join(paths[0], "site-packages"))
+    assert all(os.path.isdir(os.path.join(paths[0], name)) for name in stdlib_skip)
+
+
+def _tree(base: Path) -> Path:
+    tree = base / "lib"
+    (tree / "pkg").mkdir(parents=True)
+    (tree / "pkg" / "mod.py").write_text("X = 1\n")
+    (tree / "big").mkdir()
+    (tree / "big" / "unused.py").write_text("Y = 2\n")
+    return tree
+
+
+def test_packed_trees_leave_out_the_skipped_and_clean_up(tmp_path: Path) -> None:
+    import tarfile
+
+    from kproxy_core.testing import vm
+
+    tree = _tree(tmp_path)
+    with vm.packed_trees([(str(tree), ("big",))], root=str(tmp_path / "cache")) as packed:
+        (tar, path, skip), = packed
+        assert (path, skip) == (str(tree), ("big",))
+        with tarfile.open(tar) as archive:
+            names = set(archive.getnames())
+        assert "./pkg/mod.py" in names and not any("big" in n for n in names), names
+    assert not os.path.exists(tar)
+
+
+@pytest.mark.root
+def test_guest_script_mounts_the_copy_over_the_tree(tmp_path: Path) -> None:
+    """The guest's commands, run in a private mount namespace on the host: the tree is served
+    from the copy (a file changed in the original after packing is not seen), and what was
+    left out is still there, bound from the original."""
+    import subprocess
+
+    from kproxy_core.testing import vm
+
+    tree = _tree(tmp_path)
+    with vm.packed_trees([(str(tree), ("big",))], root=str(tmp_path / "cache")) as packed:
+        (tree / "pkg" / "mod.py").write_text("X = 'changed on the host'\n")
+        line = vm.guest_script(
+            ["sh", "-c", f"cat {tree}/pkg/mod.py {tree}/big/unused.py; mount | grep -c {tree}"],
+            [], str(tmp_path), {}, packed, cache_dir=str(tmp_path / "ram"))
+        proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               line], capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[:2] == ["X = 1", "Y = 2"], proc.stdout
+    assert int(lines[2]) == 2, proc.stdout

@@ -19,19 +19,17 @@ import shutil
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
 
 from e2e_harness import Cluster, require_mode
 
 MEASUREMENTS: list[str] = []
 
+#: Every mode under test runs one of these in its syncs: iptables and userspace in every sync
+#: that changes rules, ipvs (which writes IPVS, addresses and sets over netlink, in-process)
+#: in its full syncs and when the set of non-empty ipsets its rules match changes.
 RESTORE_TOOLS = tuple(f"{prefix}{variant}-restore" for prefix in ("iptables", "ip6tables")
                       for variant in ("", "-legacy", "-nft"))
-#: The ipvs mode programs small changes over netlink (nothing to wrap) and hands big batches
-#: of new virtual servers to ``ipvsadm --restore``: that is where a sync is put in flight.
-IPVS_TOOLS = ("ipvsadm",)
 
 _WRAPPER = """#!/bin/sh
 # kproxy reliability test wrapper around {real}
@@ -62,7 +60,7 @@ class FaultCluster(Cluster):  # type: ignore[misc,unused-ignore]
     def __init__(self, mode: str, workdir: Path) -> None:
         self.wrapdir = workdir / "bin"
         self.wrapdir.mkdir()
-        for tool in RESTORE_TOOLS + (IPVS_TOOLS if mode == "ipvs" else ()):
+        for tool in RESTORE_TOOLS:
             real = shutil.which(tool)
             if real is None:
                 continue
@@ -121,14 +119,3 @@ def require_fault_mode(mode: str) -> None:
     """As the e2e suite's: ipvs runs where the kernel has IPVS (the ipvs-vm env's VM) and is
     skipped with the reason on a host without it."""
     require_mode(mode)
-
-
-def no_ipvs_injection_point(mode: str, what: str) -> None:
-    """Skip a fault the ipvs mode has no injection point for: its iptables rules are a fixed
-    set that does not change with a service (ipsets do), and it programs small changes over
-    netlink, so a wrapped tool never sees them and the injected ``fail`` never happens."""
-    if mode == "ipvs":
-        pytest.skip(f"ipvs: {what} needs an external tool call per change; ipvs makes small "
-                    "changes over netlink (the fault would never be injected)")
-
-

@@ -18,11 +18,12 @@ from types import TracebackType
 import pytest
 from e2e_harness import HEALTHZ, answered, eventually
 from e2e_netns import NetnsThread
-from reliability_harness import FaultCluster, no_ipvs_injection_point, record
+from reliability_harness import FaultCluster, record
 
 from kproxy_core.demo import Ep, endpoint_slice_obj, kproxy_command, service_obj
 from kproxy_core.testing import echo
 from kproxy_core.testing.netns import NetNS, Pod
+from kproxy_core.testing.timescale import scaled
 
 pytestmark = pytest.mark.root
 
@@ -81,6 +82,13 @@ class Traffic:
         return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
+def _cluster(request: pytest.FixtureRequest) -> FaultCluster:
+    """The test's `fc`, built only once the test knows it applies to the mode (a topology
+    costs a minute or more in the ipvs VM)."""
+    c: FaultCluster = request.getfixturevalue("fc")
+    return c
+
+
 def _clock(wall: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(wall)) + f"{wall % 1:.3f}"[1:]
 
@@ -99,27 +107,64 @@ def alive(c: FaultCluster) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_sigkill_mid_sync_then_restart(fc: FaultCluster) -> None:
-    c = fc
+#: How many services the big change adds: enough that its restore is not instant.
+BULK = 150
+
+
+def _bulk(c: FaultCluster) -> list[dict[str, object]]:
+    objs: list[dict[str, object]] = []
+    for i in range(BULK):
+        objs += [service_obj(f"bulk-{i}", f"10.96.7.{i + 2}"),
+                 endpoint_slice_obj(f"bulk-{i}", c.eps("pod-1-2"))]
+    return objs
+
+
+@pytest.mark.parametrize("when", ["partial", "first-full"])
+def test_sigkill_mid_sync_then_restart(mode: str, when: str,
+                                       request: pytest.FixtureRequest) -> None:
+    """kproxy is SIGKILLed while a sync is provably in flight (held in the restore wrapper);
+    traffic to what was programmed keeps flowing while no kproxy runs, and a new process
+    converges to everything, including what changed meanwhile.
+
+    ``partial``: the big change arrives while kproxy runs, so a partial sync carries it.
+    ``first-full``: kproxy restarts with the big change pending, so the new process's first
+    (full) sync carries it; in the ipvs mode that sync also writes IPVS, addresses and set
+    entries over netlink alongside the held restore, so the kill leaves them half-written."""
+    if when == "partial" and mode == "ipvs":
+        pytest.skip("ipvs: a partial sync programs new ClusterIP services over netlink inside "
+                    "the process (no external restore to hold in flight); its iptables rules "
+                    "are restored on full syncs, the first-full case")
+    c = _cluster(request)
     ip = "10.96.6.1"
     c.start_kproxy()
     c.apply(service_obj("live", ip), endpoint_slice_obj("live", c.eps("pod-1-2", "pod-2-2")))
     client = c.pod("pod-1-3")
     c.wait_answered_by(client, ip, 80, {"pod-1-2", "pod-2-2"}, count=16)
+    assert c.kproxy is not None
 
     with Traffic(c, client, ip) as traffic:
         time.sleep(0.5)
-        # A big change whose restore sleeps first: kproxy is killed while it is in flight
-        # (ipvs: its bulk ``ipvsadm --restore`` of the new virtual servers).
-        c.inject("slow", "5")
-        for i in range(150):
-            c.apply(service_obj(f"bulk-{i}", f"10.96.7.{i + 2}"),
-                    endpoint_slice_obj(f"bulk-{i}", c.eps("pod-1-2")))
+        # The wrapper holds the restore; SIGKILL to kproxy's process group ends it too, so the
+        # held restore never runs. Long enough that polling for "entered" cannot miss it.
+        c.inject("slow", f"{scaled(10):.0f}")
+        if when == "partial":
+            c.apply(*_bulk(c))
+        else:
+            # A crash first; the change arrives while nobody programs it.
+            traffic.phase = "down"
+            c.kproxy.stop(signal.SIGKILL)
+            c.apply(*_bulk(c))
+            c.spawn_kproxy()
+        killed = c.kproxy
         eventually("a restore in flight", lambda: (c.wrapdir / "entered").exists())
-        assert c.kproxy is not None
+        # In flight in a sync, not in start-up cleanup (which runs before this line).
+        eventually("kproxy started", lambda: "kproxy started" in killed.log_tail(200))
         traffic.phase = "down"
-        c.kproxy.stop(signal.SIGKILL)
+        killed.stop(signal.SIGKILL)
         c.clear("slow")
+        sync_lines = [line for line in killed.log_tail(200).splitlines() if "synced " in line]
+        if when == "first-full":
+            assert not sync_lines, f"the first sync was not in flight: {sync_lines}"
         # Changes made while nobody programs them are applied by the next process.
         c.apply(endpoint_slice_obj("live", c.eps("pod-2-2")))
         time.sleep(1.0)
@@ -128,12 +173,12 @@ def test_sigkill_mid_sync_then_restart(fc: FaultCluster) -> None:
         c.start_kproxy()
         traffic.phase = "up"
         c.wait_answered_by(client, ip, 80, {"pod-2-2"}, count=8)
-        c.wait_answered_by(client, "10.96.7.150", 80, {"pod-1-2"}, count=2)
+        c.wait_answered_by(client, f"10.96.7.{BULK + 1}", 80, {"pod-1-2"}, count=2)
         converged = time.monotonic() - started
         traffic.phase = "converged"
         time.sleep(1.0)
     gap = traffic.longest_gap()
-    record(f"[{c.mode}] SIGKILL mid-sync: {len(traffic.outcomes)} requests, longest gap "
+    record(f"[{c.mode}] SIGKILL mid-{when} sync: {len(traffic.outcomes)} requests, longest gap "
            f"{gap:.3f}s, restart converged in {converged:.2f}s, failed "
            f"{len(traffic.failed())}")
     assert any(p == "down" for _, p, _ in traffic.outcomes), "nothing sent while kproxy was down"
@@ -223,7 +268,6 @@ _RETRY_RE = re.compile(r"sync failed .*retrying in ([0-9.]+)s")
 
 def test_restore_failure_is_retried_with_backoff(fc: FaultCluster) -> None:
     c = fc
-    no_ipvs_injection_point(c.mode, "a failing restore")
     a, b = "10.96.9.1", "10.96.9.2"
     # Health timeout 2 x 4s: long enough that a slow first sync on a loaded machine does not
     # make /healthz 503 before the test starts, short enough to see it go 503 below.
@@ -235,6 +279,12 @@ def test_restore_failure_is_retried_with_backoff(fc: FaultCluster) -> None:
 
     c.inject("fail")
     with Traffic(c, client, a) as traffic:
+        if c.mode == "ipvs":
+            # ipvs restores its rules in full syncs (a new ClusterIP service alone goes over
+            # netlink and would succeed): the periodic one fails first, and every retry is
+            # full. The change comes after that, so it is queued behind failing syncs.
+            eventually("a periodic full sync failed", lambda: c.metric(
+                "kproxy_sync_errors_total") >= errors_before + 1)
         c.apply(service_obj("b", b), endpoint_slice_obj("b", c.eps("pod-2-2")))
         eventually("3 failed syncs", lambda: c.metric("kproxy_sync_errors_total")
                    >= errors_before + 3)
@@ -243,14 +293,18 @@ def test_restore_failure_is_retried_with_backoff(fc: FaultCluster) -> None:
         eventually("/healthz 503 while changes cannot be programmed",
                    lambda: healthz(c) == 503, timeout=20)
         alive(c)
-        assert not answered(c.send(client, b, 80)[0])
+        if c.mode != "ipvs":
+            # One restore carries the whole change. ipvs writes IPVS, addresses and set
+            # entries beside the failing restore, as upstream's proxier (IPVS first, then
+            # iptables-restore), so b may already answer there.
+            assert not answered(c.send(client, b, 80)[0])
         c.clear("fail")
         c.wait_answered_by(client, b, 80, {"pod-2-2"})
         eventually("/healthz 200 again", lambda: healthz(c) == 200)
     assert traffic.failed() == [], traffic.failed()
     delays = [float(d) for d in _RETRY_RE.findall(c.log())]
     assert len(delays) >= 3 and delays[1] > delays[0], delays
-    if c.mode == "iptables":
+    if c.mode in ("iptables", "ipvs"):
         assert c.metric(
             "kubeproxy_sync_proxy_rules_iptables_restore_failures_total") >= 3
         # The first sync after a failure is a full one (it cannot know what got applied).
@@ -275,7 +329,6 @@ def _hold_lock(path: Path) -> subprocess.Popen[str]:
 
 def test_xtables_lock_held_by_another_process(fc: FaultCluster) -> None:
     c = fc
-    no_ipvs_injection_point(c.mode, "a held xtables lock")
     # The legacy backend is the one with a userspace lock: another agent's legacy rule makes
     # kproxy pick it. A private lock file ($XTABLES_LOCKFILE): holding the machine's
     # /run/xtables.lock would stall everyone's iptables.
@@ -284,7 +337,9 @@ def test_xtables_lock_held_by_another_process(fc: FaultCluster) -> None:
     lock = c.workdir / "xtables.lock"
     c.env["XTABLES_LOCKFILE"] = str(lock)
     a, b = "10.96.10.1", "10.96.10.2"
-    c.start_kproxy()
+    # ipvs takes the lock only in its full syncs (iptables-restore); new services go over
+    # netlink: a short period makes the periodic full sync meet the held lock.
+    c.start_kproxy(*(["--iptables-sync-period=3s"] if c.mode == "ipvs" else []))
     c.apply(service_obj("a", a), endpoint_slice_obj("a", c.eps("pod-1-2")))
     client = c.pod("pod-1-3")
     c.wait_answered_by(client, a, 80, {"pod-1-2"})
@@ -347,10 +402,13 @@ def test_jump_rules_deleted_by_someone_else_come_back(fc: FaultCluster) -> None:
     alive(c)
 
 
-def test_canary_removed_forces_a_full_sync(fc: FaultCluster) -> None:
-    c = fc
-    if c.mode != "iptables":
-        pytest.skip(f"{c.mode} mode keeps no canary chain (it rewrites its chains every sync)")
+def test_canary_removed_forces_a_full_sync(mode: str, request: pytest.FixtureRequest) -> None:
+    if mode != "iptables":
+        why = {"userspace": "it rewrites its chains in every sync",
+               "ipvs": "its periodic full sync restores its chains and jumps, as upstream's "
+                       "IPVS proxier, which has no canary monitor either"}
+        pytest.skip(f"{mode} mode keeps no canary chain ({why.get(mode, '')})")
+    c = _cluster(request)
     a, other = "10.96.12.1", "10.96.12.2"
     # Default sync period (30s): the canary monitor looks every sync period, as upstream's.
     c.start_kproxy()
@@ -447,14 +505,11 @@ def test_other_agents_rules_survive_every_sync_and_cleanup(fc: FaultCluster) -> 
     c.delete(endpoint_slice_obj("b", []), service_obj("b", b))
     c.wait_not_answered(client, b, 80)
     _assert_other_agent_intact(c, "a service deletion")
-    if c.mode == "ipvs":
-        # No injection point for a failed sync (see no_ipvs_injection_point): the change alone.
-        c.apply(endpoint_slice_obj("a", c.eps("pod-1-2", "pod-1-3")))
-    else:
-        c.inject("fail")
-        c.apply(endpoint_slice_obj("a", c.eps("pod-1-2", "pod-1-3")))
-        eventually("a failed sync", lambda: c.metric("kproxy_sync_errors_total") >= 1)
-        c.clear("fail")
+    # ipvs: the periodic full sync (1s here) is the one that restores, and fails.
+    c.inject("fail")
+    c.apply(endpoint_slice_obj("a", c.eps("pod-1-2", "pod-1-3")))
+    eventually("a failed sync", lambda: c.metric("kproxy_sync_errors_total") >= 1)
+    c.clear("fail")
     c.wait_answered_by(client, a, 80, {"pod-1-2", "pod-1-3"}, count=12)
     _assert_other_agent_intact(c, "a failed sync and its full resync")
     assert c.kproxy is not None
@@ -490,13 +545,14 @@ def test_many_endpoints_and_services_survive_ep_flapping(fc: FaultCluster) -> No
 
 
 def test_another_agent_referencing_a_stale_chain_does_not_block_updates(
-        fc: FaultCluster) -> None:
+        mode: str, request: pytest.FixtureRequest) -> None:
     """Another agent jumps to one of our service chains; the service goes away, so every sync
     wants to delete that chain and the kernel refuses (the chain is referenced). That must not
     block the programming of every other change."""
-    c = fc
-    if c.mode != "iptables":
-        pytest.skip(f"{c.mode} mode has no per-service chains")
+    if mode != "iptables":
+        pytest.skip(f"{mode} mode has no per-service chains (nothing another agent could "
+                    "reference; its chains are a fixed set)")
+    c = _cluster(request)
     a, b = "10.96.19.1", "10.96.19.2"
     c.start_kproxy()
     client = c.pod("pod-1-3")
