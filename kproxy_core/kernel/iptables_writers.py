@@ -95,6 +95,8 @@ class RuleWriter(Protocol):
 
     def chain_exists(self, table: str, chain: str) -> bool: ...
 
+    def list_rules(self, table: str, chain: str) -> list[str]: ...
+
     def ensure_chain(self, table: str, chain: str) -> bool: ...
 
     def ensure_rule(self, table: str, chain: str, args: Sequence[str], *,
@@ -359,6 +361,18 @@ class _CommandWriter:
 
     def chain_exists(self, table: str, chain: str) -> bool:
         return self._iptables(table, "-S", chain, "1").returncode == 0
+
+    def list_rules(self, table: str, chain: str) -> list[str]:
+        """``iptables -t TABLE -S CHAIN``: the chain's policy/declaration line and its rules
+        as ``-A CHAIN ...`` lines; empty when the chain (or its whole table) is gone. One chain
+        only: on nf_tables that reads just the chain, unlike ``-C`` or a save of the table."""
+        proc = self._iptables(table, "-S", chain)
+        if proc.returncode == 0:
+            return proc.stdout.splitlines()
+        if any(text in proc.stderr for text in ("does not exist", "No chain/target/match",
+                                                "Table does not exist")):
+            return []
+        raise self._fail(proc)
 
     def ensure_chain(self, table: str, chain: str) -> bool:
         if self.chain_exists(table, chain):

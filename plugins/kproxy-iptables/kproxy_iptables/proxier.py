@@ -599,35 +599,10 @@ def _monitor_listing(writer: Any, table: str, builtins: Sequence[str]
         chains, saved = _read_saved(writer, table, prefixes)
         return R.KUBE_PROXY_CANARY in chains, saved
     present = bool(writer.chain_exists(table, R.KUBE_PROXY_CANARY))
-    # The core's RuleWriter has no ``-S CHAIN`` yet: a writer that offers one is used.
-    list_rules = getattr(writer, "list_rules", None)
     kept: list[str] = []
     for chain in builtins:
-        lines = list_rules(table, chain) if list_rules else _list_rules(writer, table, chain)
-        kept += [line for line in lines if line.startswith("-A ")]
+        kept += [line for line in writer.list_rules(table, chain) if line.startswith("-A ")]
     return present, kept
-
-
-def _list_rules(writer: Any, table: str, chain: str) -> list[str]:
-    """``iptables -t TABLE -S CHAIN`` (nothing for a chain or table that is gone)."""
-    from kproxy_core.kernel.iptables_writers import (
-        COMMAND_TIMEOUT,
-        LOCK_WAIT_SECONDS,
-        find_binary,
-    )
-
-    binary = find_binary(writer.family, writer.backend)
-    if binary is None:  # cannot happen with a working writer
-        raise SyncError(f"no iptables binary for IPv{writer.family} {writer.backend}")
-    proc = subprocess.run([binary, "-w", str(LOCK_WAIT_SECONDS), "-t", table, "-S", chain],
-                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
-    if proc.returncode == 0:
-        return proc.stdout.splitlines()
-    if any(text in proc.stderr for text in ("does not exist", "No chain/target/match",
-                                            "Table does not exist")):
-        return []  # a table deleted whole: its jumps are gone too
-    raise SyncError(f"{binary} -t {table} -S {chain} exited {proc.returncode}: "
-                    f"{proc.stderr.strip()}")
 
 
 def _chains_in(save_text: str) -> list[str]:
