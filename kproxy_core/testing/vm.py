@@ -170,30 +170,40 @@ def _tree_size(path: str, skip: Sequence[str], limit: int) -> int:
 
 
 @contextmanager
-def packed_trees(trees: Sequence[tuple[str, tuple[str, ...]]], root: str | None = None
-                 ) -> Iterator[list[tuple[str, str, tuple[str, ...]]]]:
-    """One tar per tree in a host directory the guest can read (under ``root``, default
-    ``~/.cache/kproxy-vm``); yields (tar, directory, subdirectories left out) and removes the
-    tars afterwards."""
-    if not trees:
-        yield []
-        return
+def host_workdir(root: str | None = None) -> Iterator[str | None]:
+    """A fresh host directory the guest can read (under ``root``, default
+    ``~/.cache/kproxy-vm``; the guest mounts a fresh /tmp), removed afterwards; None when
+    there is none (HOME under /tmp, a read-only filesystem: as inside the VM itself)."""
     if root is None:
         root = os.path.join(os.path.expanduser("~"), ".cache", "kproxy-vm")
         if hidden_in_guest(root):
-            raise VMUnavailable(f"{root} is not visible in the guest: use --no-cache-python")
-    os.makedirs(root, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix="python-", dir=root)
+            print(f"vm: {root} is not visible in the guest: Python read over 9p",
+                  file=sys.stderr)
+            yield None
+            return
     try:
-        packed = []
-        for index, (path, skip) in enumerate(trees):
-            tar = os.path.join(workdir, f"{index}.tar")
-            excludes = [f"--exclude=./{name}" for name in skip]
-            subprocess.run(["tar", "-cf", tar, "-C", path, *excludes, "."], check=True)
-            packed.append((tar, path, skip))
-        yield packed
+        os.makedirs(root, exist_ok=True)
+        workdir = tempfile.mkdtemp(prefix="run-", dir=root)
+    except OSError as exc:
+        print(f"vm: cannot write {root} ({exc}): Python read over 9p", file=sys.stderr)
+        yield None
+        return
+    try:
+        yield workdir
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def pack_trees(trees: Sequence[tuple[str, tuple[str, ...]]], workdir: str
+               ) -> list[tuple[str, str, tuple[str, ...]]]:
+    """One tar per tree in ``workdir``: (tar, directory, subdirectories left out)."""
+    packed = []
+    for index, (path, skip) in enumerate(trees):
+        tar = os.path.join(workdir, f"{index}.tar")
+        excludes = [f"--exclude=./{name}" for name in skip]
+        subprocess.run(["tar", "-cf", tar, "-C", path, *excludes, "."], check=True)
+        packed.append((tar, path, skip))
+    return packed
 
 
 def guest_script(argv: Sequence[str], modules: Sequence[str], cwd: str, env: dict[str, str],
@@ -223,7 +233,11 @@ def guest_script(argv: Sequence[str], modules: Sequence[str], cwd: str, env: dic
 def build_vng_argv(argv: Sequence[str], *, kernel: str, modules: Sequence[str], cwd: str,
                    memory: str, cpus: int, kvm: bool, env: dict[str, str],
                    shared_dirs: Sequence[str] = (), rw_dirs: Sequence[str] = (),
-                   cached: Sequence[tuple[str, str, tuple[str, ...]]] = ()) -> list[str]:
+                   cached: Sequence[tuple[str, str, tuple[str, ...]]] = (),
+                   script_dir: str | None = None) -> list[str]:
+    """vng's command line. With ``script_dir`` (a host directory the guest reads) the guest
+    script goes into a file there: inline it travels on the kernel command line, which the
+    kernel cuts at 2048 bytes (the guest then hangs)."""
     vng = shutil.which("vng")
     if vng is None:
         raise VMUnavailable(
@@ -239,7 +253,13 @@ def build_vng_argv(argv: Sequence[str], *, kernel: str, modules: Sequence[str], 
     out += [f"--rwdir={path}" for path in rw_dirs]
     if not kvm:
         out.append("--disable-kvm")
-    out += ["--exec", guest_script(argv, modules, cwd, env, cached)]
+    script = guest_script(argv, modules, cwd, env, cached)
+    if script_dir is not None:
+        path = os.path.join(script_dir, "guest.sh")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(script + "\n")
+        script = f"sh {shlex.quote(path)}"
+    out += ["--exec", script]
     return out
 
 
@@ -274,12 +294,14 @@ def run_in_vm(argv: Sequence[str], *, modules: Sequence[str] = (), kernel: str |
         argv[0] = sys.executable
     shared = sorted({os.path.realpath(path) for path in (cwd or os.getcwd(), sys.prefix)
                      if hidden_in_guest(path)})
-    with packed_trees(python_trees() if cache_python else []) as cached:
-        vng_argv = build_vng_argv(argv, kernel=kernel or find_kernel(modules), modules=modules,
+    kernel = kernel or find_kernel(modules)
+    with host_workdir() as workdir:
+        cached = pack_trees(python_trees(), workdir) if cache_python and workdir else []
+        vng_argv = build_vng_argv(argv, kernel=kernel, modules=modules,
                                   cwd=cwd or os.getcwd(), memory=memory, cpus=cpus, kvm=kvm,
                                   env=guest_env(env), shared_dirs=shared,
                                   rw_dirs=[os.path.realpath(path) for path in rw_dirs],
-                                  cached=cached)
+                                  cached=cached, script_dir=workdir)
         return _run(vng_argv, timeout)
 
 

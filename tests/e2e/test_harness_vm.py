@@ -79,14 +79,15 @@ def _tree(base: Path) -> Path:
     return tree
 
 
-def test_packed_trees_leave_out_the_skipped_and_clean_up(tmp_path: Path) -> None:
+def test_packed_trees_leave_out_the_skipped_and_are_removed(tmp_path: Path) -> None:
     import tarfile
 
     from kproxy_core.testing import vm
 
     tree = _tree(tmp_path)
-    with vm.packed_trees([(str(tree), ("big",))], root=str(tmp_path / "cache")) as packed:
-        (tar, path, skip), = packed
+    with vm.host_workdir(root=str(tmp_path / "cache")) as workdir:
+        assert workdir is not None
+        (tar, path, skip), = vm.pack_trees([(str(tree), ("big",))], workdir)
         assert (path, skip) == (str(tree), ("big",))
         with tarfile.open(tar) as archive:
             names = set(archive.getnames())
@@ -104,7 +105,9 @@ def test_guest_script_mounts_the_copy_over_the_tree(tmp_path: Path) -> None:
     from kproxy_core.testing import vm
 
     tree = _tree(tmp_path)
-    with vm.packed_trees([(str(tree), ("big",))], root=str(tmp_path / "cache")) as packed:
+    with vm.host_workdir(root=str(tmp_path / "cache")) as workdir:
+        assert workdir is not None
+        packed = vm.pack_trees([(str(tree), ("big",))], workdir)
         (tree / "pkg" / "mod.py").write_text("X = 'changed on the host'\n")
         line = vm.guest_script(
             ["sh", "-c", f"cat {tree}/pkg/mod.py {tree}/big/unused.py; mount | grep -c {tree}"],
@@ -115,3 +118,19 @@ def test_guest_script_mounts_the_copy_over_the_tree(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     assert lines[:2] == ["X = 1", "Y = 2"], proc.stdout
     assert int(lines[2]) == 2, proc.stdout
+
+
+def test_guest_script_goes_in_a_file_not_on_the_kernel_command_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kproxy_core.testing import vm
+
+    for tool in ("vng", "qemu-system-x86_64"):
+        (tmp_path / tool).write_text("#!/bin/sh\n")
+        (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    long_args = ["python", "-m", "pytest", *[f"tests/t{i}.py" for i in range(400)]]
+    argv = vm.build_vng_argv(long_args, kernel="/boot/k", modules=["ip_vs"], cwd="/work",
+                             memory="2G", cpus=2, kvm=False, env={}, script_dir=str(tmp_path))
+    script = tmp_path / "guest.sh"
+    assert argv[-2:] == ["--exec", f"sh {script}"]
+    assert "tests/t399.py" in script.read_text()

@@ -128,8 +128,9 @@ def test_sigkill_mid_sync_then_restart(mode: str, when: str,
 
     ``partial``: the big change arrives while kproxy runs, so a partial sync carries it.
     ``first-full``: kproxy restarts with the big change pending, so the new process's first
-    (full) sync carries it; in the ipvs mode that sync also writes IPVS, addresses and set
-    entries over netlink alongside the held restore, so the kill leaves them half-written."""
+    (full) sync carries it. The ipvs mode writes IPVS, addresses and set entries over netlink
+    in that sync before (or beside) its restore, so the kill leaves a half-programmed kernel
+    for the next process."""
     if when == "partial" and mode == "ipvs":
         pytest.skip("ipvs: a partial sync programs new ClusterIP services over netlink inside "
                     "the process (no external restore to hold in flight); its iptables rules "
