@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
 
-from e2e_harness import Cluster, require_mode
+from e2e_harness import Cluster, eventually, require_mode
 
 MEASUREMENTS: list[str] = []
 
@@ -78,6 +78,13 @@ class FaultCluster(Cluster):  # type: ignore[misc,unused-ignore]
             extra = tuple(arg.replace("--iptables-sync-period=", "--ipvs-sync-period=", 1)
                           for arg in extra)
         return ["env", f"PATH={path}", *env, *super().kproxy_argv(*extra)]
+
+    def wait_synced(self) -> None:
+        """Until a sync has succeeded. Traffic alone does not say so: the ipvs mode's first
+        sync carries a ClusterIP service before its iptables restore ends (seconds in the
+        VM), and a fault injected meanwhile would hit that first sync instead."""
+        eventually("a successful sync", lambda: self.metric(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 0)
 
     def inject(self, fault: str, value: str = "") -> None:
         (self.wrapdir / fault).write_text(value)

@@ -141,6 +141,7 @@ def test_sigkill_mid_sync_then_restart(mode: str, when: str,
     c.apply(service_obj("live", ip), endpoint_slice_obj("live", c.eps("pod-1-2", "pod-2-2")))
     client = c.pod("pod-1-3")
     c.wait_answered_by(client, ip, 80, {"pod-1-2", "pod-2-2"}, count=16)
+    c.wait_synced()
     assert c.kproxy is not None
 
     with Traffic(c, client, ip) as traffic:
@@ -276,6 +277,7 @@ def test_restore_failure_is_retried_with_backoff(fc: FaultCluster) -> None:
     c.apply(service_obj("a", a), endpoint_slice_obj("a", c.eps("pod-1-2")))
     client = c.pod("pod-1-3")
     c.wait_answered_by(client, a, 80, {"pod-1-2"})
+    c.wait_synced()
     errors_before = c.metric("kproxy_sync_errors_total")
 
     c.inject("fail")
@@ -344,6 +346,7 @@ def test_xtables_lock_held_by_another_process(fc: FaultCluster) -> None:
     c.apply(service_obj("a", a), endpoint_slice_obj("a", c.eps("pod-1-2")))
     client = c.pod("pod-1-3")
     c.wait_answered_by(client, a, 80, {"pod-1-2"})
+    c.wait_synced()
     assert ":KUBE-" in c.sb.node.run(["iptables-legacy-save", "-t", "nat"]).stdout, \
         "kproxy did not pick the legacy backend"
 
@@ -394,6 +397,7 @@ def test_jump_rules_deleted_by_someone_else_come_back(fc: FaultCluster) -> None:
     c.apply(service_obj("a", ip), endpoint_slice_obj("a", c.eps("pod-1-2")))
     client = c.pod("pod-1-3")
     c.wait_answered_by(client, ip, 80, {"pod-1-2"})
+    c.wait_synced()
     deleted = _delete_matching(c, "nat", r"^-A (PREROUTING|OUTPUT) .*-j KUBE-")
     assert deleted, c.saved()
     removed = time.monotonic()
@@ -498,6 +502,7 @@ def test_other_agents_rules_survive_every_sync_and_cleanup(fc: FaultCluster) -> 
     client = c.pod("pod-1-3")
     c.apply(service_obj("a", a, type="NodePort"), endpoint_slice_obj("a", c.eps("pod-1-2")))
     c.wait_answered_by(client, a, 80, {"pod-1-2"})
+    c.wait_synced()
     _assert_other_agent_intact(c, "the first sync")
     c.apply(service_obj("b", b), endpoint_slice_obj("b", c.eps("pod-2-2")))
     c.wait_answered_by(client, b, 80, {"pod-2-2"})
