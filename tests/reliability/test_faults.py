@@ -522,6 +522,7 @@ def test_other_agents_rules_survive_every_sync_and_cleanup(fc: FaultCluster) -> 
     assert c.kproxy.stop(signal.SIGTERM) == 0
     c.start_kproxy()
     c.wait_answered_by(client, a, 80, {"pod-1-2", "pod-1-3"}, count=12)
+    c.wait_synced()  # by the new process: the rules answer from before it
     _assert_other_agent_intact(c, "a restart")
     assert c.kproxy.stop(signal.SIGTERM) == 0
     proc = c.sb.node.run([*kproxy_command(), "--cleanup", "--v=2"], check=False)
