@@ -7,7 +7,7 @@
 # Every step runs even when one before it fails; the exit status is non-zero if any failed,
 # or if a step ran no test at all (pytest's 5), so a broken VM never passes as green.
 # Extra arguments go to every pytest run (e.g. -x, -v).
-# Called by the ipvs-e2e-vm tox env:
+# Called by the ipvs-vm tox env (CI):
 #   python -m kproxy_core.testing.vm --modules ip_vs,ip_vs_rr,ip_set -- bash plugins/kproxy-ipvs/vm/guest-suites.sh
 set -u
 cd "$(dirname "$0")/../../.."
@@ -25,7 +25,7 @@ step() {
     ((status == 0)) || failed+=("${name} (exit ${status})")
 }
 step "ipvs plugin suite" python -m pytest -p no:cacheprovider -q plugins/kproxy-ipvs/tests "$@"
-step "e2e + reliability, ipvs" python -m pytest -p no:cacheprovider -q -rfEs --durations=10 \
+step "e2e + reliability, ipvs" python -m pytest -p no:cacheprovider -q -rfEs --durations=15 \
     tests/e2e tests/reliability -k ipvs "$@"
 if ((${#failed[@]})); then
     echo "guest-suites.sh: FAILED: ${failed[*]}" >&2
