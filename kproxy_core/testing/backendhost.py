@@ -13,16 +13,19 @@ syncs, which partial-sync tests need (a fork per call would forget it)::
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import subprocess
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, TypeVar
 
 from kproxy_core.backend import Backend, SyncResult
 from kproxy_core.model import NodeView, ResolvedServicePort, ServicePortKey
 from kproxy_core.testing.conformance import diff_views
+from kproxy_core.testing.netns import NetNS, Sandbox
 
 #: A mode-specific operation, run in the child: ``op(backend, args) -> picklable result``.
 Operation = Callable[[Backend, Any], Any]
@@ -131,3 +134,21 @@ class BackendHost:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(5)
+
+
+HostT = TypeVar("HostT", bound="BackendHost")
+
+
+@contextlib.contextmanager
+def host_in_new_netns(make_host: Callable[[NetNS], HostT]) -> Iterator[HostT]:
+    """A fresh ``node`` namespace and the host ``make_host`` builds in it (after any setup
+    of its own in the namespace); both are gone afterwards, whatever the test did. Fails
+    (never skips) without root: a kernel test that cannot run must not pass silently."""
+    if os.geteuid() != 0:
+        raise RuntimeError("kernel tests need root (they create network namespaces)")
+    with Sandbox() as sandbox:
+        host = make_host(sandbox.netns("node"))
+        try:
+            yield host
+        finally:
+            host.close()

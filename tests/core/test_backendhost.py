@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from kproxy_core.backend import Backend, SyncRequest, SyncResult
-from kproxy_core.testing.backendhost import BackendHost
+from kproxy_core.testing.backendhost import BackendHost, host_in_new_netns
 from kproxy_core.testing.conformance import EP1, EP2, service_port
-from kproxy_core.testing.netns import Sandbox
+from kproxy_core.testing.netns import NetNS, Sandbox
 
 pytestmark = pytest.mark.root
 
@@ -46,3 +48,19 @@ def test_state_survives_calls_and_changes_are_computed_like_the_core() -> None:
                 host.sync(b)
         finally:
             host.close()
+
+
+def test_host_in_new_netns_removes_the_namespace_and_the_child() -> None:
+    seen: dict[str, str] = {}
+
+    def make(node: NetNS) -> BackendHost:
+        seen["netns"] = node.name
+        return BackendHost(node.name, Recorder)
+
+    with host_in_new_netns(make) as host:
+        assert host.run("ip", "netns", "identify").strip() == seen["netns"]
+        assert seen["netns"] in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                               text=True, check=True).stdout
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                             check=True).stdout
+    assert seen["netns"] not in listing

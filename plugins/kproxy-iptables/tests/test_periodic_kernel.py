@@ -7,7 +7,6 @@ no traffic needed."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +16,8 @@ from kproxy_iptables import rules as R
 from kproxy_iptables.proxier import IptablesProxier
 
 from kproxy_core.kernel.iptables_writers import RestoreError
-from kproxy_core.testing.netns import Sandbox
+from kproxy_core.testing.backendhost import host_in_new_netns
+from kproxy_core.testing.netns import NetNS
 
 pytestmark = pytest.mark.root
 
@@ -25,6 +25,7 @@ WEB = svc(key("default", "web", "http"), "10.96.0.10", 80, node_port=30080,
           endpoints=[ep("10.244.2.2", 8080), ep("10.244.2.3", 8080)])
 OTHER = svc(key("default", "other", "http"), "10.96.0.11", 80,
             endpoints=[ep("10.244.2.4", 8080)])
+CONFIG = {"clusterCIDR": "10.244.0.0/16"}
 SEP = R.endpoint_chain(WEB.name, "10.244.2.2:8080")
 # Appended after the DNAT (never reached); only its presence matters.
 SEP_MARKER = ["-m", "comment", "--comment", "foreign-in-sep", "-j", "RETURN"]
@@ -33,38 +34,21 @@ TOP_MARKER = ["-m", "comment", "--comment", "foreign-in-services", "-j", "RETURN
 
 @pytest.fixture()
 def host() -> Iterator[ProxierHost]:
-    if os.geteuid() != 0:
-        pytest.fail("kernel tests need root (they create network namespaces)")
-    sandbox = Sandbox()
-    proxier: ProxierHost | None = None
-    try:
-        node = sandbox.netns("node")
-        proxier = ProxierHost(node.name, {"clusterCIDR": "10.244.0.0/16"})
+    with host_in_new_netns(lambda node: ProxierHost(node.name, CONFIG)) as proxier:
         yield proxier
-    finally:
-        if proxier is not None:
-            proxier.close()
-        sandbox.close()
 
 
 @pytest.fixture(params=["nft", "legacy"])
 def backend_host(request: pytest.FixtureRequest) -> Iterator[ProxierHost]:
     """A proxier on the nf_tables or the legacy backend: the monitor reads them differently."""
-    if os.geteuid() != 0:
-        pytest.fail("kernel tests need root (they create network namespaces)")
-    sandbox = Sandbox()
-    proxier: ProxierHost | None = None
-    try:
-        node = sandbox.netns("node")
+    def make(node: NetNS) -> ProxierHost:
         if request.param == "legacy":  # kubelet's hint chain makes detection pick legacy
             node.run(["iptables-legacy", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"])
-        proxier = ProxierHost(node.name, {"clusterCIDR": "10.244.0.0/16"})
+        return ProxierHost(node.name, CONFIG)
+
+    with host_in_new_netns(make) as proxier:
         assert proxier.call("writer_backend") == request.param
         yield proxier
-    finally:
-        if proxier is not None:
-            proxier.close()
-        sandbox.close()
 
 
 def test_the_mode_asks_for_partial_periodic_syncs() -> None:

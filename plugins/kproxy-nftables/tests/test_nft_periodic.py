@@ -7,7 +7,6 @@ Real kernel, inside a namespace; no traffic needed (``test_nft_kernel`` sends so
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +16,7 @@ from nft_helpers import ep, key, svc
 from nft_host import ProxierHost
 
 from kproxy_core.model import ResolvedServicePort
-from kproxy_core.testing.netns import Sandbox
+from kproxy_core.testing.backendhost import host_in_new_netns
 
 pytestmark = pytest.mark.root
 
@@ -30,18 +29,9 @@ SERVICE_CHAIN = R.SERVICE_PREFIX + R.chain_name_base(WEB.name)
 
 @pytest.fixture()
 def host() -> Iterator[ProxierHost]:
-    if os.geteuid() != 0:
-        pytest.fail("kernel tests need root (they create network namespaces)")
-    sandbox = Sandbox()
-    proxier: ProxierHost | None = None
-    try:
-        node = sandbox.netns("node")
-        proxier = ProxierHost(node.name, {"clusterCIDR": ("10.244.0.0/16",)})
+    config = {"clusterCIDR": ("10.244.0.0/16",)}
+    with host_in_new_netns(lambda node: ProxierHost(node.name, config)) as proxier:
         yield proxier
-    finally:
-        if proxier is not None:
-            proxier.close()
-        sandbox.close()
 
 
 def test_the_mode_asks_for_partial_periodic_syncs() -> None:
