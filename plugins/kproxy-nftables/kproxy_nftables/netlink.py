@@ -15,6 +15,7 @@ network namespace for every shape.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -22,7 +23,7 @@ import re
 import select
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from kproxy_nftables.rules import (
     ENDPOINTS_MAP_TYPE,
@@ -468,15 +469,22 @@ def send(lines: Sequence[str], messages: Sequence[bytes], timeout: float = 10.0,
     ``connection``: a socket to reuse (closed after a failure; a fresh one otherwise)."""
     if not messages:
         return
-    own = connection is None
+    with _using(connection) as conn:
+        _exchange(conn, lines, messages, timeout)
+
+
+@contextlib.contextmanager
+def _using(connection: Connection | None) -> Iterator[Connection]:
+    """``connection``, or a fresh one closed afterwards. Either is closed after a failure:
+    its socket may still hold part of an answer that the next request would misread."""
     conn = connection if connection is not None else Connection()
     try:
-        _exchange(conn, lines, messages, timeout)
+        yield conn
     except BaseException:
         conn.close()
         raise
     finally:
-        if own:
+        if connection is None:
             conn.close()
 
 
@@ -532,16 +540,8 @@ def table_handle(family: int, *, connection: Connection | None = None,
     1.7 s at 10,000 services; ``nft list tables`` first fills nft's whole cache). A table
     deleted and created again gets a new handle. Raises `NetlinkError` or OSError when the
     kernel cannot be asked (not for a missing table)."""
-    own = connection is None
-    conn = connection if connection is not None else Connection()
-    try:
+    with _using(connection) as conn:
         return _lookup_table(conn, family, timeout)
-    except BaseException:
-        conn.close()
-        raise
-    finally:
-        if own:
-            conn.close()
 
 
 def _lookup_table(conn: Connection, family: int, timeout: float) -> int | None:
