@@ -268,16 +268,24 @@ def _kube_rules(ns: NetNS) -> list[str]:
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("args", [
-    ("--feature-gates=NoSuchGate=true",),
-    ("--proxy-mode=nftables", "--feature-gates=NFTablesProxyMode=false"),
-    ("--proxy-mode=userspace", "--feature-gates=ContextualLogging=yes-please"),
-], ids=["unknown", "locked", "not-bool"])
-def test_command_rejects_bad_gates(ns: NetNS, args: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("args", "needle"), [
+    (("--feature-gates=NoSuchGate=true",), "NoSuchGate"),
+    (("--proxy-mode=nftables", "--feature-gates=NFTablesProxyMode=false"), "NFTablesProxyMode"),
+    (("--proxy-mode=userspace", "--feature-gates=ContextualLogging=yes-please"),
+     "ContextualLogging"),
+    # Gates of the newer upstream lines (featuregates.py's sources): removed, locked since.
+    (("--proxy-mode=memory", "--feature-gates=CompositePodGroup=true,LoadBalancerIPMode=true"),
+     "unrecognized feature gate: LoadBalancerIPMode"),
+    (("--proxy-mode=memory",
+      "--feature-gates=NativeHistograms=true,NodeDeclaredFeatures=false"),
+     "cannot set feature gate NodeDeclaredFeatures to false"),
+], ids=["unknown", "locked", "not-bool", "removed", "locked-in-1.37"])
+def test_command_rejects_bad_gates(ns: NetNS, args: tuple[str, ...], needle: str) -> None:
     proc = _kproxy(ns, *args)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("kproxy: invalid configuration: "), lines
+    assert needle in lines[0], lines
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert _kube_rules(ns) == []
 
